@@ -1,0 +1,1 @@
+"""Model adapters: one per Hugging Face ``config.model_type`` (see the adapters issue)."""
