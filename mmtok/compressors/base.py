@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import ClassVar, TypeVar
@@ -19,7 +20,7 @@ _REGISTRY: dict[str, type[Compressor]] = {}
 
 
 @dataclasses.dataclass
-class Compressor:
+class Compressor(abc.ABC):
     """Base class of every compressor: turns :class:`VisualTokens` and a budget into a :class:`TokenPlan`.
 
     Subclasses are dataclasses whose fields are the method's options, declare what they need as class
@@ -97,6 +98,7 @@ class Compressor:
             raise RuntimeError(f"compressor {self.name!r} produced {got} tokens for a budget of {k}")
         return plan
 
+    @abc.abstractmethod
     def plan_row(self, row: TokenRow, k: int, generator: torch.Generator) -> RowPlan:
         """Plan one row or segment.
 
@@ -108,7 +110,6 @@ class Compressor:
         Returns:
             A :class:`RowPlan` with exactly ``k`` kept tokens (at most ``k`` for adaptive methods).
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement plan_row")
 
     @classmethod
     def describe(cls) -> dict[str, object]:
