@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton only runs on a CPU through its interpreter, which must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The suite's models and tensors are tiny: one thread avoids thread start-up costs that dominate on 2 cores.
+torch.set_num_threads(1)
 
 
 def make_tokens(
@@ -38,6 +40,8 @@ def make_tokens(
     attn = torch.rand(b, n, generator=g).softmax(-1)
     mid = torch.rand(b, n, generator=g).softmax(-1)
     text = torch.randn(b, text_len, c, generator=g)
+    text_attn = torch.rand(b, n, generator=g).softmax(-1)
+    text_attn_all = torch.rand(b, n, text_len, generator=g).softmax(1)
     mask = None
     grid = (t, h, w) if t else (h, w)
     if lengths is not None:
@@ -54,7 +58,11 @@ def make_tokens(
         cls_attn=attn.to(dtype),
         text=text.to(dtype),
         mask=mask,
-        signals={"mid_attn": mid.to(dtype)},
+        signals={
+            "mid_attn": mid.to(dtype),
+            "text_attn": text_attn.to(dtype),
+            "text_attn_all": text_attn_all.to(dtype),
+        },
     )
 
 

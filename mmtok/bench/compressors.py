@@ -24,7 +24,11 @@ def bench_tokens(n: int, dim: int = 1024, text_len: int = 32, seed: int = 0) -> 
         grid=GRIDS[n],
         cls_attn=torch.rand(1, n, generator=g).softmax(-1),
         text=torch.randn(1, text_len, dim, generator=g),
-        signals={"mid_attn": torch.rand(1, n, generator=g).softmax(-1)},
+        signals={
+            "mid_attn": torch.rand(1, n, generator=g).softmax(-1),
+            "text_attn": torch.rand(1, n, generator=g).softmax(-1),
+            "text_attn_all": torch.rand(1, n, text_len, generator=g).softmax(1),
+        },
     )
 
 
@@ -59,7 +63,7 @@ def run(
 
 
 def to_markdown(res: dict) -> str:
-    """Table: one row per method, one column per N, times in ms (and x identity)."""
+    """Table: one row per method, one column per N: time in ms and, in brackets, x the identity baseline."""
     sizes = sorted({r["n"] for r in res["results"]})
     ms = {(r["method"], r["n"]): r["ms"] for r in res["results"]}
     names = list(dict.fromkeys(r["method"] for r in res["results"]))
@@ -68,7 +72,9 @@ def to_markdown(res: dict) -> str:
         cells = []
         for n in sizes:
             v = ms.get((name, n))
-            cells.append("-" if v is None else f"{v:.2f}")
+            base = ms.get(("identity", n))
+            ratio = f" ({v / base:,.0f}x)" if v is not None and base and name != "identity" else ""
+            cells.append("-" if v is None else f"{v:,.2f}{ratio}")
         rows.append([name, *cells])
     header = ["method", *[f"N={n} (ms)" for n in sizes]]
     return format_table(header, rows, markdown=True)

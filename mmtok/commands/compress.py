@@ -41,11 +41,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def model_free_methods() -> list[str]:
+    """Image compressors that run without a model: those usable before the language model.
+
+    In-LLM methods (``fastv``, ``pdrop``, ``sparsevlm``) rank by the language model's own attention,
+    which a model-free tokenisation cannot provide; they run through ``mmtok generate``.
+    """
+    before_llm = set(list_compressors(stage="vision")) | set(list_compressors(stage="pre_llm"))
+    return [n for n in list_compressors(modality="image") if n in before_llm]
+
+
 def compress_table(
     image: Path, methods: list[str] | None, budgets: list[int | float], grid: tuple[int, int]
 ) -> dict:
     """Run each method at each budget on ``image``; returns ``{"n": N, "budgets": [...], "rows": [...]}``."""
-    names = methods or list_compressors(modality="image")
+    names = methods or model_free_methods()
     for n in names:
         compressor_class(n)
     tokens = pixel_tokens(image, grid=grid)

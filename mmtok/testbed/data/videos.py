@@ -1,0 +1,237 @@
+"""Video task families: short events among static and moving distractors.
+
+A video is ``VIDEO_FRAMES`` RGB frames of ``VIDEO_SIZE`` x ``VIDEO_SIZE`` (16 x 224 x 224 at ``VIDEO_FPS``)
+on a static grey clutter background (see :mod:`mmtok.testbed.data.images`). Events last one or two
+frames or are one to three frames apart, so a compressor that drops the wrong frames loses the answer.
+Within one video every object has its own (colour, shape) pair (in the colour-change family, its own
+shape), objects never overlap in any frame, and the scene lists, per frame, every visible object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mmtok.testbed.data.images import Layout, draw_shape, texture
+from mmtok.testbed.data.items import (
+    COLOUR_NAMES,
+    COLOURS,
+    COMBOS,
+    SHAPES,
+    Draft,
+    Family,
+    Retry,
+    mc_choices,
+    pick,
+    vocab_of,
+)
+
+VIDEO_SIZE = 224
+VIDEO_FRAMES = 16
+VIDEO_FPS = 4.0
+FLASH_COUNTS = ("1", "2", "3", "4")
+DIRECTIONS = ("left", "right", "up", "down")
+PARTS = {"beginning": (0, 4), "middle": (6, 9), "end": (11, 15)}  # inclusive frame ranges, away from the thirds' edges
+
+
+def render_video(scene: dict[str, Any]) -> list[Image.Image]:
+    """Draw each frame: the shared background, then that frame's visible objects."""
+    base = texture(scene["background"], scene["size"]).convert("RGB")
+    frames = []
+    for visible in scene["frames"]:
+        img = base.copy()
+        draw = ImageDraw.Draw(img)
+        for obj in visible:
+            draw_shape(draw, obj["shape"], obj["box"], COLOURS[obj["colour"]])
+        frames.append(img)
+    return frames
+
+
+class _Video:
+    """Collects object tracks (a box or ``None`` per frame, and a colour per frame) into a scene."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.lay = Layout(rng, VIDEO_SIZE)
+        self.tracks: list[tuple[list[str], str, list[list[int] | None]]] = []
+
+    def size(self) -> int:
+        return int(self.rng.integers(18, 27))
+
+    def still(self, name: str, frames: set[int] | None = None) -> list[int]:
+        """A static object, visible in ``frames`` (default: all)."""
+        colour, shape = name.split()
+        box = self.lay.place(self.size())
+        self.tracks.append(([colour] * VIDEO_FRAMES, shape, [box if frames is None or t in frames else None
+                                                            for t in range(VIDEO_FRAMES)]))
+        return box
+
+    def mover(self, name: str, dx: int, dy: int, t0: int, steps: int) -> None:
+        """An object that moves by ``(dx, dy)`` over frames ``t0 + 1 .. t0 + steps`` and rests before and after."""
+        colour, shape = name.split()
+        s = self.size()
+        sweep = self.lay.place(s + abs(dx), s + abs(dy))
+        x0 = sweep[0] + (abs(dx) if dx < 0 else 0)
+        y0 = sweep[1] + (abs(dy) if dy < 0 else 0)
+        boxes: list[list[int] | None] = []
+        for t in range(VIDEO_FRAMES):
+            f = min(max((t - t0) / steps, 0.0), 1.0)
+            x, y = x0 + round(f * dx), y0 + round(f * dy)
+            boxes.append([x, y, x + s, y + s])
+        self.tracks.append(([colour] * VIDEO_FRAMES, shape, boxes))
+
+    def scene(self, query: dict[str, Any]) -> dict[str, Any]:
+        order = self.rng.permutation(len(self.tracks))
+        frames = []
+        for t in range(VIDEO_FRAMES):
+            visible = []
+            for i in order:
+                colours, shape, boxes = self.tracks[i]
+                if boxes[t] is not None:
+                    visible.append({"id": int(i), "colour": colours[t], "shape": shape, "box": boxes[t]})
+            frames.append(visible)
+        return {"size": VIDEO_SIZE, "n_frames": VIDEO_FRAMES, "fps": VIDEO_FPS,
+                "background": int(self.rng.integers(2**31)), "frames": frames, "query": query}
+
+
+def _names(rng: np.random.Generator, n: int) -> list[str]:
+    return [COMBOS[int(i)] for i in rng.choice(len(COMBOS), size=n, replace=False)]
+
+
+def _flashes(rng: np.random.Generator, k: int, part: tuple[int, int] = (0, VIDEO_FRAMES - 1)) -> set[int]:
+    """Frames of ``k`` flashes of 1-2 frames each, at least two dark frames apart, inside ``part``."""
+    lengths = rng.integers(1, 3, size=k)
+    slack = part[1] - part[0] + 1 - int(lengths.sum()) - 2 * (k - 1)
+    if slack < 0:
+        raise Retry
+    extra = rng.multinomial(slack, [1 / (k + 1)] * (k + 1))
+    frames, t = set(), part[0] + int(extra[0])
+    for i, n in enumerate(lengths):
+        frames.update(range(t, t + int(n)))
+        t += int(n) + 2 + int(extra[i + 1])
+    return frames
+
+
+def _order(rng: np.random.Generator, last: bool) -> Draft:
+    v = _Video(rng)
+    k, n_still = int(rng.integers(3, 5)), int(rng.integers(2, 4))
+    names = _names(rng, k + n_still)
+    gaps = rng.integers(1, 4, size=k - 1)
+    t1 = int(rng.integers(1, VIDEO_FRAMES - int(gaps.sum())))
+    times = [t1 + int(g) for g in np.concatenate([[0], np.cumsum(gaps)])]
+    for name, t in zip(names[:k], times, strict=True):
+        v.still(name, set(range(t, VIDEO_FRAMES)))
+    for name in names[k:]:
+        v.still(name)
+    answer = names[k - 1] if last else names[0]
+    question = f"which object appeared {'last' if last else 'first'} ?"
+    return Draft(v.scene({"key": times}), question, answer, mc_choices(rng, answer, COMBOS, hard=names))
+
+
+def _flash_count(rng: np.random.Generator) -> Draft:
+    v = _Video(rng)
+    n_flash, n_still = int(rng.integers(1, 3)), int(rng.integers(2, 4))
+    names = _names(rng, 1 + n_flash + n_still)
+    k = int(rng.integers(1, 5))
+    frames = _flashes(rng, k)
+    v.still(names[0], frames)
+    for name in names[1:1 + n_flash]:
+        v.still(name, _flashes(rng, int(rng.integers(1, 5))))
+    for name in names[1 + n_flash:]:
+        v.still(name)
+    answer = str(k)
+    question = f"how many times did the {names[0]} flash ?"
+    return Draft(v.scene({"key": sorted(frames)}), question, answer, mc_choices(rng, answer, FLASH_COUNTS))
+
+
+def _displacement(rng: np.random.Generator, direction: str | None = None) -> tuple[int, int]:
+    dist = int(rng.integers(30, 61))
+    if direction is None:
+        angle = rng.uniform(0, 2 * np.pi)
+        return round(dist * np.cos(angle)), round(dist * np.sin(angle))
+    return {"left": (-dist, 0), "right": (dist, 0), "up": (0, -dist), "down": (0, dist)}[direction]
+
+
+def _window(rng: np.random.Generator) -> tuple[int, int]:
+    steps = int(rng.integers(2, 5))
+    return int(rng.integers(1, VIDEO_FRAMES - steps - 1)), steps
+
+
+def _moved(rng: np.random.Generator) -> Draft:
+    v = _Video(rng)
+    names = _names(rng, 1 + int(rng.integers(3, 6)))
+    t0, steps = _window(rng)
+    v.mover(names[0], *_displacement(rng), t0, steps)
+    for name in names[1:]:
+        v.still(name)
+    query = {"key": list(range(t0, t0 + steps + 1))}
+    return Draft(v.scene(query), "which object moved ?", names[0], mc_choices(rng, names[0], COMBOS, hard=names))
+
+
+def _direction(rng: np.random.Generator) -> Draft:
+    v = _Video(rng)
+    names = _names(rng, 2 + int(rng.integers(2, 5)))
+    direction = pick(rng, DIRECTIONS)
+    t0, steps = _window(rng)
+    v.mover(names[0], *_displacement(rng, direction), t0, steps)
+    other = pick(rng, [d for d in DIRECTIONS if d != direction])
+    v.mover(names[1], *_displacement(rng, other), *_window(rng))
+    for name in names[2:]:
+        v.still(name)
+    query = {"key": list(range(t0, t0 + steps + 1))}
+    return Draft(v.scene(query), f"which way did the {names[0]} move ?", direction,
+                 mc_choices(rng, direction, DIRECTIONS))
+
+
+def _change(rng: np.random.Generator) -> Draft:
+    v = _Video(rng)
+    shapes = [SHAPES[int(i)] for i in rng.choice(len(SHAPES), size=int(rng.integers(3, 6)), replace=False)]
+    for shape in shapes:
+        v.still(f"{pick(rng, COLOUR_NAMES)} {shape}")
+    t = int(rng.integers(3, 13))
+    colours = v.tracks[0][0]
+    new = pick(rng, [c for c in COLOUR_NAMES if c != colours[0]])
+    colours[t:] = [new] * (VIDEO_FRAMES - t)
+    answer = shapes[0]
+    return Draft(v.scene({"key": [t - 1, t]}), "which shape changed colour ?", answer,
+                 mc_choices(rng, answer, SHAPES, hard=shapes))
+
+
+def _when(rng: np.random.Generator) -> Draft:
+    v = _Video(rng)
+    n_flash, n_still = int(rng.integers(1, 3)), int(rng.integers(2, 4))
+    names = _names(rng, 1 + n_flash + n_still)
+    part = pick(rng, tuple(PARTS))
+    frames = _flashes(rng, 1, PARTS[part])
+    v.still(names[0], frames)
+    for name in names[1:1 + n_flash]:
+        v.still(name, _flashes(rng, 1, PARTS[pick(rng, [p for p in PARTS if p != part])]))
+    for name in names[1 + n_flash:]:
+        v.still(name)
+    question = f"when did the {names[0]} flash : beginning , middle or end ?"
+    return Draft(v.scene({"key": sorted(frames)}), question, part, mc_choices(rng, part, tuple(PARTS), k=3))
+
+
+def _family(name: str, fn: Any, description: str, chance: float, n_choices: int, templates: tuple[str, ...],
+            answers: tuple[str, ...]) -> Family:
+    return Family(name, "video", description, fn, render_video, chance, n_choices, vocab_of(templates, answers))
+
+
+FAMILIES: tuple[Family, ...] = (
+    _family("first", lambda rng: _order(rng, last=False), "which object appeared first", 1 / len(COMBOS), 4,
+            ("which object appeared first ?",), COMBOS),
+    _family("last", lambda rng: _order(rng, last=True), "which object appeared last", 1 / len(COMBOS), 4,
+            ("which object appeared last ?",), COMBOS),
+    _family("flash_count", _flash_count, "how many times an object flashed (1-2 frame flashes)",
+            1 / len(FLASH_COUNTS), 4, ("how many times did the {colour} {shape} flash ?",), FLASH_COUNTS),
+    _family("moved", _moved, "which object moved (during 2-4 frames)", 1 / len(COMBOS), 4,
+            ("which object moved ?",), COMBOS),
+    _family("direction", _direction, "which way a named object moved", 1 / len(DIRECTIONS), 4,
+            ("which way did the {colour} {shape} move ?",), DIRECTIONS),
+    _family("change", _change, "which shape changed colour between the start and the end", 1 / len(SHAPES), 4,
+            ("which shape changed colour ?",), SHAPES),
+    _family("when", _when, "in which part of the video a named object flashed", 1 / len(PARTS), 3,
+            ("when did the {colour} {shape} flash : beginning , middle or end ?",), tuple(PARTS)),
+)
