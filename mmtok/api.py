@@ -316,7 +316,7 @@ def run_compressed(
     new = sequences[:, spliced.kwargs["input_ids"].shape[1] :]
     texts = adapter.decode(new)
     tokens_info: dict[str, dict[str, list[int]]] = {}
-    for m, plan in plans.items():
+    for m in plans:
         after = [0] * request.batch_size
         for j, row in enumerate(request.item_rows[m]):
             after[row] += int(kept[m][j].shape[0])  # newline tokens the adapter keeps count too
