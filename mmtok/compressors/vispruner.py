@@ -11,9 +11,9 @@ from mmtok.compressors.cls_attn import top_by_score
 from mmtok.core import RowPlan, TokenRow, cosine_matrix
 from mmtok.kernels import best_match
 
-# Up to this many candidates, their pairwise similarities are computed once (at most 64 MiB in float32)
+# Up to this many candidates, their pairwise similarities are computed once (at most 576 MiB in float32)
 # instead of once per round; past it each round matches its two halves afresh.
-_CACHE_LIMIT = 4096
+_CACHE_LIMIT = 12288
 
 
 def remove_duplicates(features: torch.Tensor, order: torch.Tensor, keep: int, step: int) -> torch.Tensor:
