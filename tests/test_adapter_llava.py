@@ -17,7 +17,7 @@ from tiny_models import (
 import mmtok
 
 # session fixtures shared with the other adapter tests (pytest finds them by these names)
-llava, llava_dir, one_thread = tiny_models.llava, tiny_models.llava_dir, tiny_models.one_thread
+llava, llava_dir = tiny_models.llava, tiny_models.llava_dir
 
 PROMPTS = [
     "USER: <image>\nWhat is in the image? ASSISTANT:",

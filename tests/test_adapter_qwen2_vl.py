@@ -23,7 +23,7 @@ from mmtok.adapters import get_adapter
 from mmtok.adapters.qwen2_vl import video_patches
 
 # session fixtures shared with the other adapter tests (pytest finds them by these names)
-one_thread, qwen, qwen_dir = tiny_models.one_thread, tiny_models.qwen, tiny_models.qwen_dir
+qwen, qwen_dir = tiny_models.qwen, tiny_models.qwen_dir
 
 ASTRONAUT = IMAGES / "skimage_astronaut.png"
 VIDEO = VIDEOS / "mmaction2_demo_arm_wrestling.mp4"

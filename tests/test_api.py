@@ -17,7 +17,7 @@ from mmtok.compressors import Compressor
 from mmtok.result import Result
 
 # session fixtures shared with the other adapter tests (pytest finds them by these names)
-llava, llava_dir, one_thread = tiny_models.llava, tiny_models.llava_dir, tiny_models.one_thread
+llava, llava_dir = tiny_models.llava, tiny_models.llava_dir
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 ASTRONAUT = IMAGES / "skimage_astronaut.png"

@@ -260,12 +260,3 @@ def qwen(qwen_dir: Path) -> tuple[Any, Any]:
 
     return mmtok.load(qwen_dir, attn_implementation="sdpa")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Run the tiny models on one thread: on a shared 2-core machine, two OpenMP threads per matmul spin against
-    other processes and make each tiny op ~50x slower. Restored after the module."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
