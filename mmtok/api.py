@@ -372,7 +372,7 @@ def run_llm_stage(
         embeds = model.get_input_embeddings()(ids)
         kinds = torch.zeros_like(ids)
         for i, m in enumerate(request.modalities, 1):
-            feats = torch.cat(adapter.encode(inputs, m, "pre_llm", set()).features).to(embeds.dtype)
+            feats = torch.cat(full_features(adapter, request, m)).to(embeds.dtype)
             where = ids == adapter.token_id(m)
             embeds = embeds.masked_scatter(where.unsqueeze(-1).expand_as(embeds), feats)
             kinds[where] = i
@@ -409,6 +409,15 @@ def run_llm_stage(
         budget=budgets[0] if all(b == budgets[0] for b in budgets) else list(budgets), stage="llm",
         sequences=sequences, output=None if isinstance(out, torch.Tensor) else out,
     )
+
+
+def full_features(adapter: Adapter, request: Request, modality: str) -> list[torch.Tensor]:
+    """Per item, every placeholder's feature in the model's packing order (newline tokens included)."""
+    encoded = adapter.encode(request.inputs, modality, "pre_llm", set())
+    tokens = adapter.visual_tokens(request, encoded, "pre_llm", modality)
+    keep_all = [1.0] * request.batch_size
+    plan = adapter.plan(create_compressor("identity"), tokens, adapter.item_budgets(request, keep_all, modality))
+    return adapter.kept_features(encoded, plan, "pre_llm")
 
 
 def generate_timed(

@@ -211,3 +211,24 @@ def test_saved_checkpoint_loads_and_runs_without_torchvision(ov_model, media, tm
     tokens, logits = stock_run(model, inputs)
     assert torch.equal(res.sequences, tokens)
     torch.testing.assert_close(torch.stack(res.output.logits), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_llm_stage_feeds_packed_features_and_keeps_newlines(ov_model, media):
+    model, proc = ov_model
+    prompts, images, videos = batch3(media)
+    inputs = get_adapter(model, proc).prepare(prompts, images=images, videos=videos).inputs
+    want_ids, want_logits = stock_run(model, inputs)
+    full = compress_then_generate(
+        model, proc, prompt=prompts, images=images, videos=videos, method="identity", stage="llm", budget=1.0, layer=0, **GEN
+    )
+    assert torch.equal(full.sequences, want_ids)
+    torch.testing.assert_close(torch.stack(full.output.logits), want_logits, atol=1e-4, rtol=1e-4)
+    res = compress_then_generate(
+        model, proc, prompt=prompts, images=images, videos=videos,
+        method=mmtok.create_compressor("fastv", layer=1), budget=6, max_new_tokens=2, do_sample=False,
+    )
+    seq = res.tokens["sequence"]
+    assert seq["kv"] == seq["after"]
+    newlines = [12 * 0 + 1, 12, 10 + 1]  # per row: video newline; retina's; rocket's plus the second video's
+    kept = [res.tokens["image"]["after"][b] + res.tokens["video"]["after"][b] for b in range(3)]
+    assert kept == [6 + n for n in newlines]
