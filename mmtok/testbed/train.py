@@ -1,0 +1,380 @@
+"""Seeded, resumable training of a testbed model on generated QA items, and its export to ``assets/``.
+
+The loop (one function, :func:`train`): batch ``s`` is train-split items ``s * B .. (s + 1) * B - 1`` of
+:func:`mmtok.testbed.data.dataset` (``form="mixed"``), generated on the fly, so a run is a pure function of
+its settings and seed and a resumed run sees exactly the batches an uninterrupted one would. The loss is
+the cross-entropy on the answer words and ``</s>`` only (:func:`mmtok.testbed.models.encode_items`);
+AdamW with linear warm-up then cosine decay to 10 % of the peak rate. Every ``eval_every`` steps the model
+is scored on a fixed held-out sample per family with :func:`heldout_accuracy`; every ``ckpt_every`` steps
+the model, optimiser, schedule and log go to ``work_dir/checkpoint.pt``. :func:`export` writes the
+shipped directory: fp16 safetensors, processor, tokenizer and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtok.testbed.data import HELDOUT_SPLIT, chance, dataset, families, item
+from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+FORM = "mixed"
+
+
+def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
+    """Multiplier of the peak rate at ``step``: linear warm-up over ``warmup`` steps, then cosine to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def heldout_items(spec: TestbedSpec, n_per_family: int, seed: int = 0, form: str = FORM) -> list[Any]:
+    """The first ``n_per_family`` held-out items of every family of the spec's modalities (fixed by ``seed``)."""
+    out = []
+    for modality in spec.modalities:
+        for fam in families(modality):
+            out += [item(modality, HELDOUT_SPLIT, i, seed, family=fam, form=form) for i in range(n_per_family)]
+    return out
+
+
+@torch.no_grad()
+def heldout_accuracy(model: Any, processor: Any, items: list[Any], batch_size: int = 16) -> dict[str, float]:
+    """Exact-match accuracy per family under teacher forcing.
+
+    An item counts as right when the argmax at every answer position (the answer words and ``</s>``) is
+    the target token: exactly the items that greedy decoding answers word for word, at the cost of one
+    forward pass. :mod:`mmtok.testbed.evaluate` measures the same through ``generate()``.
+
+    Returns:
+        ``{family: accuracy}`` plus ``"mean"`` (the mean over families).
+    """
+    was_training = model.training
+    model.eval()
+    right: dict[str, list[bool]] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = _to(encode_items(processor, chunk), _device(model))
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1]
+        target = labels[:, 1:]
+        ok = ((logits.argmax(-1) == target) | (target == IGNORE)).all(1)
+        for it, good in zip(chunk, ok.tolist(), strict=True):
+            right.setdefault(it.family, []).append(bool(good))
+    model.train(was_training)
+    acc = {fam: sum(v) / len(v) for fam, v in right.items()}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Training batch ``s`` (train-split items ``s * B .. (s + 1) * B - 1``, split evenly over modalities).
+
+    A pure function of ``s``, so a ``DataLoader`` with any number of workers yields the same batches.
+    """
+
+    def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int) -> None:
+        self.processor, self.seed, self.start, self.stop = processor, seed, start, stop
+        self.modalities = list(spec.modalities)
+        self.per = max(1, batch_size // len(self.modalities))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        step = self.start + i
+        items = [it for m in self.modalities
+                 for it in dataset(m, "train", self.per, self.seed, form=FORM, start=step * self.per)]
+        return encode_items(self.processor, items)
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def media_gain(model: Any, processor: Any, items: list[Any]) -> float:
+    """Answer loss with each item's media swapped for another item's, minus the loss with its own media.
+
+    About 0 while a model answers from the question alone (the first phase of training from scratch);
+    it grows once the model reads its media. Swapping (a fixed cyclic shift of the batch) keeps the media
+    statistics, so the gap measures use of the item's own content, not of media in general.
+
+    Raises:
+        ValueError: fewer than two items.
+    """
+    if len(items) < 2:
+        raise ValueError("media_gain needs at least two items to swap their media")
+    was_training = model.training
+    model.eval()
+    own = _to(encode_items(processor, items), _device(model))
+    swapped = _to(encode_items(processor, [replace(it, media=items[i - 1].media) for i, it in enumerate(items)]),
+                  _device(model))
+    gain = float(model(**swapped).loss) - float(model(**own).loss)
+    model.train(was_training)
+    return gain
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a run killed mid-save keeps the previous checkpoint
+
+
+def train(
+    name: str,
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    warmup: int | None = None,
+    weight_decay: float | None = None,
+    seed: int = 0,
+    size: str = "full",
+    work_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    eval_every: int = 100,
+    eval_n: int = 16,
+    ckpt_every: int = 50,
+    threads: int | None = None,
+    until: int | None = None,
+    device: str | None = None,
+    workers: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
+
+    Args:
+        name: a testbed name (see :data:`mmtok.testbed.models.SPECS`).
+        steps: optimiser steps (the schedule's length); the spec's ``train_defaults`` when None (so too
+            for the four below).
+        batch_size: items per step.
+        lr: peak learning rate.
+        warmup: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        seed: seeds the initial weights and the data (dataset seed).
+        size: a size name of the spec (``"full"`` ships, ``"tiny"`` is for tests).
+        work_dir: checkpoints and ``log.jsonl``; ``/tmp/<name>`` when None.
+        out: directory to export to at the end (e.g. ``assets/<name>``); no export when None.
+        resume: continue from ``work_dir/checkpoint.pt`` (same settings), or start fresh when absent.
+        eval_every: steps between held-out evaluations (0: only at the end).
+        eval_n: held-out items per family in those evaluations.
+        ckpt_every: steps between checkpoints.
+        threads: ``torch.set_num_threads`` for the run (unchanged when None).
+        until: stop after this step (checkpointed, not exported) without changing the schedule, so that a
+            later ``resume=True`` run continues exactly as an uninterrupted one; None runs to ``steps``.
+        device: where to train (``"cuda"`` when available, else ``"cpu"``, when None).
+        workers: ``DataLoader`` worker processes making batches (0: in the training process, which keeps
+            both cores of a small CPU machine for compute; use several on a GPU machine).
+        log: where progress lines go.
+
+    Returns:
+        ``{"losses": [...], "evals": [{"step", "acc"}...], "model", "processor", "seconds", "settings"}``.
+
+    Raises:
+        ValueError: an unknown name or size, or non-positive steps / batch size.
+    """
+    spec = get_spec(name)
+    d = spec.train_defaults
+    settings = {
+        "name": name, "size": size, "seed": seed, "steps": steps or d.get("steps", 1000),
+        "batch_size": batch_size or d.get("batch_size", 16), "lr": lr or d.get("lr", 1e-3),
+        "warmup": d.get("warmup", 50) if warmup is None else warmup,
+        "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
+    }
+    if settings["steps"] < 1 or settings["batch_size"] < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {settings['steps']} and {settings['batch_size']}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    work = Path(work_dir) if work_dir is not None else Path("/tmp") / name
+    work.mkdir(parents=True, exist_ok=True)
+    model, processor = spec.build(size, seed)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.98),
+                            weight_decay=settings["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, settings["steps"], settings["warmup"]))
+    ckpt = work / "checkpoint.pt"
+    history: dict[str, Any] = {"losses": [], "evals": [], "seconds": 0.0}
+    start_step = 0
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False, map_location=_device(model))
+        if state["settings"] != settings:
+            raise ValueError(f"checkpoint {ckpt} was made with {state['settings']}, not {settings}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        history, start_step = state["history"], state["step"]
+        log(f"resumed {name} at step {start_step} from {ckpt}")
+    heldout = heldout_items(spec, eval_n, seed) if eval_every or out else []
+    logf = (work / "log.jsonl").open("a")
+    t0 = time.perf_counter() - history["seconds"]
+    model.train()
+    stop = settings["steps"] if until is None else min(until, settings["steps"])
+    batches = torch.utils.data.DataLoader(
+        StepBatches(spec, processor, settings["batch_size"], seed, start_step, max(start_step, stop)),
+        batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
+    for step, batch in zip(range(start_step, stop), batches, strict=True):
+        loss = model(**_to(batch, _device(model))).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history["losses"].append(loss.item())
+        history["seconds"] = time.perf_counter() - t0
+        rec: dict[str, Any] = {"step": step + 1, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0],
+                               "seconds": round(history["seconds"], 1)}
+        last = step + 1 == settings["steps"]
+        if eval_every and ((step + 1) % eval_every == 0 or last):
+            acc = heldout_accuracy(model, processor, heldout)
+            gain = media_gain(model, processor, heldout[:: max(1, len(heldout) // 32)])
+            history["evals"].append({"step": step + 1, "acc": acc, "media_gain": gain})
+            rec["heldout"] = {k: round(v, 3) for k, v in acc.items()}
+            rec["media_gain"] = round(gain, 4)
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        if (step + 1) % 10 == 0 or "heldout" in rec or step == start_step:
+            log(json.dumps(rec))
+        if (step + 1) % ckpt_every == 0 or last or step + 1 == stop:
+            _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "step": step + 1, "history": history, "settings": settings})
+    logf.close()
+    model.eval()
+    if out is not None and stop == settings["steps"]:
+        if not history["evals"] or history["evals"][-1]["step"] != settings["steps"]:
+            history["evals"].append({"step": settings["steps"], "acc": heldout_accuracy(model, processor, heldout)})
+        export(spec, model, processor, Path(out), settings, history, eval_n)
+        log(f"exported {name} to {out}")
+    return {**history, "model": model, "processor": processor, "settings": settings}
+
+
+def export(spec: TestbedSpec, model: Any, processor: Any, out: Path, settings: dict[str, Any],
+           history: dict[str, Any], eval_n: int) -> None:
+    """Write ``out``: fp16 ``model.safetensors`` + config, processor, tokenizer, chat template, ``README.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    half = type(model)(model.config)
+    half.load_state_dict(model.state_dict())
+    half.generation_config = model.generation_config
+    half.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(model_card(spec, model, settings, history, eval_n, out))
+
+
+def model_card(spec: TestbedSpec, model: Any, settings: dict[str, Any], history: dict[str, Any], eval_n: int,
+               out: Path) -> str:
+    """The model card: architecture, data, training run, held-out accuracy per family beside chance."""
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    weights = out / "model.safetensors"
+    mb = weights.stat().st_size / 1e6 if weights.is_file() else float("nan")
+    acc = history["evals"][-1]["acc"] if history["evals"] else {}
+    rows = []
+    for m in spec.modalities:
+        for fam in families(m):
+            ch = (chance(fam, "short") + chance(fam, "mc")) / 2
+            rows.append(f"| {m} | {fam} | {100 * acc.get(fam, float('nan')):.1f} | {100 * ch:.1f} |")
+    curve = [f"| {e['step']} | {100 * e['acc']['mean']:.1f} |" for e in history["evals"]]
+    losses = history["losses"]
+    vis = cfg.vision_config
+    text = cfg.text_config
+    return "\n".join([
+        f"# {spec.name}",
+        "",
+        f"A small `{spec.architecture}` trained from scratch by mmtok on its procedurally generated",
+        "question-answer data (`mmtok.testbed.data`), as an offline yardstick for token compression. It is",
+        "not a general-purpose model: it knows only the testbed's closed vocabulary and task families.",
+        "",
+        "## Architecture",
+        f"- vision: {vis.model_type}, {vis.num_hidden_layers} layers, width {vis.hidden_size}, "
+        f"{vis.num_attention_heads} heads, {vis.image_size} px input, {vis.patch_size} px patches "
+        f"-> {(vis.image_size // vis.patch_size) ** 2} visual tokens per image",
+        f"- language model: {text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}, "
+        f"{text.num_attention_heads} heads ({text.num_key_value_heads} key/value), vocabulary {text.vocab_size} "
+        "words (word-level tokenizer)",
+        f"- {n_params / 1e6:.2f} M parameters; weights {mb:.2f} MB (fp16 safetensors)",
+        "",
+        "## Training",
+        f"- data: train split of `mmtok.testbed.data` ({', '.join(spec.modalities)}), form `{settings['form']}`, "
+        f"dataset seed {settings['seed']}, generated on the fly; loss on the answer words and `</s>` only",
+        f"- {len(losses)} steps of batch {settings['batch_size']} ({len(losses) * settings['batch_size']} items), "
+        f"AdamW lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10 %), weight decay "
+        f"{settings['weight_decay']}, gradient clip 1.0",
+        f"- {history['seconds'] / 60:.1f} min on {_hardware(model)}, "
+        f"final loss {sum(losses[-20:]) / max(1, len(losses[-20:])):.4f} (mean of last 20 steps)",
+        f"- reproduce: `mmtok testbed train {spec.name} --steps {settings['steps']} "
+        f"--batch-size {settings['batch_size']} --lr {settings['lr']} --seed {settings['seed']}`"
+        + ("" if len(losses) >= settings["steps"] else
+           f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
+           f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
+           "writes the latest checkpoint)"),
+        "",
+        "## Held-out accuracy (full tokens)",
+        f"Exact match of the greedy answer on the first {eval_n} held-out (`test` split) items per family, form "
+        "`mixed` (half short answer, half multiple choice); chance is the mean of the two forms' chance levels.",
+        "Rerun through `mmtok.compress_then_generate` with `mmtok testbed eval "
+        f"{spec.name}`.",
+        "",
+        "| modality | family | accuracy % | chance % |",
+        "|---|---|---|---|",
+        *rows,
+        f"| | **mean** | **{100 * acc.get('mean', float('nan')):.1f}** | |",
+        "",
+        "## Held-out mean accuracy during training",
+        "| step | mean accuracy % |",
+        "|---|---|",
+        *curve,
+        "",
+    ])
+
+
+def _hardware(model: Any) -> str:
+    device = _device(model)
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)} GPU"
+    return f"{platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def default_out(name: str) -> Path:
+    """``assets/<name>`` in the repository."""
+    return ROOT / "assets" / name
+
+
+def export_checkpoint(name: str, work_dir: str | Path | None = None, out: str | Path | None = None,
+                      eval_n: int = 16) -> Path:
+    """Export the latest checkpoint of a (possibly unfinished) run, scoring it on the held-out items first.
+
+    Raises:
+        FileNotFoundError: ``work_dir`` holds no ``checkpoint.pt``.
+    """
+    spec = get_spec(name)
+    work = Path(work_dir) if work_dir is not None else Path("/tmp") / name
+    ckpt = work / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}; train first with `mmtok testbed train {name}`")
+    state = torch.load(ckpt, weights_only=False)
+    settings, history = state["settings"], state["history"]
+    model, processor = spec.build(settings["size"], settings["seed"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    if not history["evals"] or history["evals"][-1]["step"] != state["step"]:
+        acc = heldout_accuracy(model, processor, heldout_items(spec, eval_n, settings["seed"]))
+        history["evals"].append({"step": state["step"], "acc": acc})
+    target = Path(out) if out is not None else default_out(name)
+    export(spec, model, processor, target, settings, history, eval_n)
+    return target
