@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tiny_models import seed_weights
 from transformers.video_processing_utils import VideoProcessorMixin
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,20 +78,6 @@ def _vision(kind: str) -> Any:
     return CLIPVisionConfig(projection_dim=32, **common) if kind == "clip" else SiglipVisionConfig(**common)
 
 
-def _seed_model(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Re-draw every weight from a seeded normal so logits differ clearly between tokens."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif "norm" in name or name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
 def tiny_llava_next(seed: int = 0, attn: str = "sdpa") -> tuple[Any, Any]:
     """``(LlavaNextForConditionalGeneration, LlavaNextProcessor)``, random weights, fp32, CPU."""
     from transformers import (
@@ -114,7 +101,7 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa") -> tuple[Any, Any]:
         image_seq_length=(CROP // PATCH) ** 2,
     )
     config._attn_implementation = attn
-    model = _seed_model(LlavaNextForConditionalGeneration(config), seed)
+    model = seed_weights(LlavaNextForConditionalGeneration(config), seed)
     model.generation_config.eos_token_id = None  # decode every requested step
     images = LlavaNextImageProcessorPil(
         size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP}, image_grid_pinpoints=pinpoints
@@ -151,7 +138,7 @@ def tiny_llava_onevision(seed: int = 0, attn: str = "sdpa") -> tuple[Any, Any]:
         vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
     )
     config._attn_implementation = attn
-    model = _seed_model(LlavaOnevisionForConditionalGeneration(config), seed)
+    model = seed_weights(LlavaOnevisionForConditionalGeneration(config), seed)
     model.generation_config.eos_token_id = None  # decode every requested step
     mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     images = LlavaOnevisionImageProcessorPil(
