@@ -9,6 +9,7 @@ from PIL import Image
 from tiny_models import (
     COFFEE,
     IMAGES,
+    assert_same_run,
     greedy_kwargs,
     hooks_left,
     manual_greedy,
@@ -35,13 +36,6 @@ def stock_inputs(processor, prompts, images):
     processor.tokenizer.padding_side = "left"
     return dict(processor(text=prompts, images=images, padding=True, return_tensors="pt"))
 
-
-def assert_same_run(result, reference_logits, reference_tokens):
-    steps = len(result.output.logits)
-    assert steps >= 1
-    for t in range(steps):
-        torch.testing.assert_close(result.output.logits[t].float(), reference_logits[t].float(), atol=1e-4, rtol=1e-4)
-    assert torch.equal(result.sequences, reference_tokens[:, :steps])
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -13,6 +13,7 @@ from tiny_models import (
     COFFEE,
     IMAGES,
     VIDEOS,
+    assert_same_run,
     greedy_kwargs,
     hooks_left,
     manual_greedy,
@@ -35,13 +36,6 @@ PROMPTS = [
 IMAGES_PER_ROW = [str(COFFEE), str(ASTRONAUT), None]
 VIDEOS_PER_ROW = [str(VIDEO), None, None]
 
-
-def assert_same_run(result, reference_logits, reference_tokens):
-    steps = len(result.output.logits)
-    assert steps >= 1
-    for t in range(steps):
-        torch.testing.assert_close(result.output.logits[t].float(), reference_logits[t].float(), atol=1e-4, rtol=1e-4)
-    assert torch.equal(result.sequences, reference_tokens[:, :steps])
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -260,3 +260,11 @@ def qwen(qwen_dir: Path) -> tuple[Any, Any]:
 
     return mmtok.load(qwen_dir, attn_implementation="sdpa")
 
+
+def assert_same_run(result: Any, reference_logits: torch.Tensor, reference_tokens: torch.Tensor) -> None:
+    """A Result's per-step logits and greedy tokens equal a reference run's."""
+    steps = len(result.output.logits)
+    assert steps >= 1
+    for t in range(steps):
+        torch.testing.assert_close(result.output.logits[t].float(), reference_logits[t].float(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(result.sequences, reference_tokens[:, :steps])
