@@ -113,7 +113,7 @@ def load(
     device_map: Any = None,
     attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
-    """Load a vision-language model and its processor with the stock Hugging Face classes.
+    """Load a vision- or audio-language model and its processor with the stock Hugging Face classes.
 
     Args:
         name_or_path: ``"testbed-<name>"`` (the offline testbed under ``assets/``), a local directory
@@ -124,15 +124,15 @@ def load(
         attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...; the default when None.
 
     Returns:
-        ``(model, processor)``: an ``AutoModelForImageTextToText`` in eval mode and its ``AutoProcessor``
-        (a :class:`ProcessorParts` where the stock processor needs torchvision and it is missing).
+        ``(model, processor)``: the model in eval mode (the class :func:`model_class` picks) and its
+        ``AutoProcessor`` (a :class:`ProcessorParts` where the stock processor needs torchvision and it is
+        missing).
 
     Raises:
         ValueError: a testbed model that is not installed, a directory that lacks files, or a hub id
-            whose files are not in the local cache (the message says which files and how to get them).
+            whose files are not in the local cache (the message says which files and how to get them), or
+            a checkpoint no transformers class loads.
     """
-    from transformers import AutoModelForImageTextToText
-
     path, name = resolve_path(name_or_path)
     if path is not None and (missing := missing_files(path)):
         raise ValueError(
@@ -153,7 +153,7 @@ def load(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        model = model_class(source).from_pretrained(source, **kwargs)
         processor = load_processor(source)
     except OSError as err:
         if path is not None:
@@ -165,6 +165,30 @@ def load(
             f"{name} --local-dir <dir>`, copy <dir> here and pass mmtok.load('<dir>')"
         ) from err
     return model.eval(), processor
+
+
+def model_class(source: str) -> Any:
+    """The class that loads a checkpoint: the first auto class mapping its config, else its architecture.
+
+    ``AutoModelForImageTextToText`` (LLaVA, Qwen2-VL ...), then ``AutoModelForMultimodalLM`` (which also
+    maps Qwen2-Audio), then the first transformers class named in ``config.architectures``.
+
+    Raises:
+        OSError: the config is not on this machine.
+        ValueError: no transformers class loads it.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    for auto in (AutoModelForImageTextToText, AutoModelForMultimodalLM):
+        if type(config) in auto._model_mapping:
+            return auto
+    for name in config.architectures or ():
+        if isinstance(cls := getattr(transformers, name, None), type):
+            return cls
+    raise ValueError(f"no transformers class loads {source!r} (model type {config.model_type!r}, architectures "
+                     f"{config.architectures}); mmtok.load takes vision- and audio-language models")
 
 
 def load_processor(source: str) -> Any:

@@ -154,7 +154,7 @@ def test_key_objects_are_small_and_spread_out() -> None:
     for it in items("image", "inside", "train", 25) + items("image", "exists", "train", 25):
         for o in it.scene["objects"]:
             x0, y0, x1, y1 = o["box"]
-            assert 14 <= x1 - x0 <= 33 and x1 - x0 == y1 - y0
+            assert 11 <= x1 - x0 <= 17 and x1 - x0 == y1 - y0
         for x0, y0, x1, y1 in it.scene["query"]["key"]:
             centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
     xs, ys = np.array(centres).T

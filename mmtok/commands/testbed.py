@@ -20,7 +20,7 @@ def _budget(text: str) -> int | float:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``mmtok testbed train | export | eval``."""
+    """Register ``mmtok testbed train | export | eval | report``."""
     p = sub.add_parser("testbed", help="train, export and evaluate the offline testbed models")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     names = sorted(SPECS)
@@ -61,6 +61,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--markdown", action="store_true", help="print a markdown table")
     v.set_defaults(run=run_eval)
 
+    r = actions.add_parser("report", help="every compressor at every budget on the held-out split: "
+                           "docs/quality.md and its plot")
+    r.add_argument("name", nargs="?", default="testbed-llava", help="a testbed name (default testbed-llava)")
+    r.add_argument("--model-dir", help="load the model from this directory instead of assets/NAME")
+    r.add_argument("--n", type=int, default=100, help="held-out items per family (default 100)")
+    r.add_argument("--methods", nargs="+", help="compressors (default: every one that takes the model's media)")
+    r.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.1, 0.05],
+                   help="fractions in (0, 1] (default 1.0 0.5 0.25 0.1 0.05)")
+    r.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a compressor option, VALUE as JSON (repeatable), e.g. pdrop.layers=[1,2]")
+    r.add_argument("--seed", type=int, default=0, help="held-out dataset seed (default 0)")
+    r.add_argument("--form", default="mixed", choices=["short", "mc", "mixed"], help="question form")
+    r.add_argument("--out", default="docs/quality.md", help="the page; the plot goes beside it as .png")
+    r.add_argument("--work", help="cache of finished cells, to resume a stopped run "
+                   "(default: mmtok-quality-NAME.jsonl in the temporary directory)")
+    r.add_argument("--fresh", action="store_true", help="discard the cache and run every cell")
+    r.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    r.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    r.set_defaults(run=run_report)
+
 
 def run_train(args: argparse.Namespace) -> int:
     """Train (and export) one testbed model."""
@@ -94,6 +114,86 @@ def run_eval(args: argparse.Namespace) -> int:
         for m in args.method or ["identity"] for b in args.budget or [1.0]
     ]
     print(format_reports(reports, markdown=args.markdown))
+    return 0
+
+
+def parse_options(pairs: list[str]) -> dict[str, dict[str, object]]:
+    """``["pdrop.layers=[1,2]", "fastv.layer=1"]`` -> ``{"pdrop": {"layers": [1, 2]}, "fastv": {"layer": 1}}``.
+
+    Raises:
+        ValueError: a pair not of the form ``METHOD.KEY=VALUE``.
+    """
+    import json
+
+    out: dict[str, dict[str, object]] = {}
+    for pair in pairs:
+        target, eq, text = pair.partition("=")
+        method, dot, key = target.partition(".")
+        if not (eq and dot and method and key):
+            raise ValueError(f"an option is METHOD.KEY=VALUE (e.g. pdrop.layers=[1,2]), got {pair!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out.setdefault(method, {})[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def load_for_report(name: str, model_dir: str | None) -> tuple[object, object]:
+    """``mmtok.load`` of ``model_dir``, else of the shipped testbed model (how to make it when missing).
+
+    Raises:
+        ValueError: a testbed model that is not in ``assets/`` (the message says how to train or export it).
+    """
+    import mmtok
+    from mmtok.api import ROOT
+
+    if model_dir is not None:
+        return mmtok.load(model_dir, dtype="float32")
+    if name in SPECS and not (ROOT / "assets" / name).is_dir():
+        raise ValueError(
+            f"the testbed model {name!r} is not installed ({ROOT / 'assets' / name} does not exist). Train it with "
+            f"`mmtok testbed train {name}` (it exports to assets/{name} when done), export a running or stopped "
+            f"run's latest checkpoint with `mmtok testbed export {name} --work-dir DIR`, or pass --model-dir DIR"
+        )
+    return mmtok.load(name, dtype="float32")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Run every method x budget and write the quality page and its plot."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from mmtok.testbed.report import quality_report, write_quality
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    options = parse_options(args.option)
+    model, processor = load_for_report(args.name, args.model_dir)
+    label = args.model_dir or args.name
+    work = Path(args.work) if args.work else (
+        Path(tempfile.gettempdir()) / f"mmtok-quality-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.jsonl")
+    if args.fresh:
+        work.unlink(missing_ok=True)
+    run = quality_report(
+        model, processor, methods=args.methods, budgets=args.budgets, n_per_family=args.n, seed=args.seed,
+        form=args.form, batch_size=args.batch_size, options=options,
+        modalities=_modalities(args.name, model) if args.model_dir is None else None, cache=work,
+        model_name=label, progress=lambda line: print(line, flush=True),
+    )
+    command = " ".join(["mmtok testbed report", args.name, *([f"--model-dir {args.model_dir}"] if args.model_dir else []),
+                        f"--n {args.n}", f"--seed {args.seed}", f"--form {args.form}",
+                        "--budgets " + " ".join(f"{b:g}" for b in args.budgets),
+                        *(["--methods " + " ".join(args.methods)] if args.methods else []),
+                        *[f"--option '{o}'" for o in args.option], f"--batch-size {args.batch_size}",
+                        f"--out {args.out}"])
+    md, png = write_quality(run, args.out, command)
+    print(f"wrote {md} and {png} (finished cells cached in {work})")
     return 0
 
 

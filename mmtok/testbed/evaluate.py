@@ -35,18 +35,30 @@ class FamilyScore:
 
 @dataclass
 class Report:
-    """Per-family scores of one method and budget, and the wall time of the run."""
+    """Per-family scores of one method and budget, the wall time of the run and the visual tokens per item.
+
+    ``visual_before`` / ``visual_after``: per item (in item order), the visual tokens of its media before
+    compression and those the language model kept (``Result.tokens[modality]``, summed over modalities; at
+    the ``llm`` stage, those left after the method's last drop layer).
+    """
 
     method: str
     budget: Any
     form: str
     scores: list[FamilyScore] = field(default_factory=list)
     seconds: float = 0.0
+    visual_before: list[int] = field(default_factory=list)
+    visual_after: list[int] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
         """Accuracy averaged over families (each family weighs the same)."""
         return sum(s.accuracy for s in self.scores) / len(self.scores) if self.scores else 0.0
+
+    @property
+    def mean_kept(self) -> float:
+        """Visual tokens the language model kept, averaged over items (0 when none were recorded)."""
+        return sum(self.visual_after) / len(self.visual_after) if self.visual_after else 0.0
 
     def by_family(self) -> dict[str, float]:
         """``{family: accuracy}``."""
@@ -120,6 +132,8 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
     right: dict[str, list[bool]] = {}
+    before: list[int] = []
+    after: list[int] = []
     for start in range(0, len(items), batch_size):
         chunk = list(items[start:start + batch_size])
         result = compress_then_generate(
@@ -128,13 +142,17 @@ def evaluate(
             max_new_tokens=MAX_NEW_TOKENS, do_sample=False, **options,
         )
         texts = result.text if isinstance(result.text, list) else [result.text]
+        media = [counts for key, counts in result.tokens.items() if key != "sequence"]
+        before += [sum(c["before"][row] for c in media) for row in range(len(chunk))]
+        after += [sum(c["after"][row] for c in media) for row in range(len(chunk))]
         for it, text in zip(chunk, texts, strict=True):
             right.setdefault(it.family, []).append(normalise(text) == it.answer)
         if progress is not None:
             done = start + len(chunk)
             progress(f"{method} @ {budget}: {done}/{len(items)} items, "
                      f"{sum(sum(v) for v in right.values())} right")
-    report = Report(method, budget, items[0].form if len({it.form for it in items}) == 1 else "mixed")
+    report = Report(method, budget, items[0].form if len({it.form for it in items}) == 1 else "mixed",
+                    visual_before=before, visual_after=after)
     seen: dict[str, QAItem] = {}
     for it in items:
         seen.setdefault(it.family, it)

@@ -3,10 +3,14 @@
 A testbed model is built from the real transformers classes (so the adapters, ``save_pretrained`` and
 ``mmtok.load`` treat it exactly like a downloaded checkpoint), sized for CPU training, with a closed
 word-level vocabulary taken from :func:`mmtok.testbed.data.vocabulary`. Each name maps to a
-:class:`TestbedSpec`; adding ``testbed-qwen2vl`` or ``testbed-audio`` means adding a builder and one entry
-to :data:`SPECS`, while training (:mod:`mmtok.testbed.train`) and evaluation
+:class:`TestbedSpec` (``testbed-llava``: images; ``testbed-qwen2vl``: images and videos, M-RoPE;
+``testbed-audio``: Qwen2-Audio, a Whisper-style encoder on 128 mel bins); a new model is a builder and one
+entry in :data:`SPECS`, while training (:mod:`mmtok.testbed.train`) and evaluation
 (:mod:`mmtok.testbed.evaluate`) stay generic: they only need ``spec.build(size)``, ``spec.modalities``
 and :func:`encode_items`.
+
+The Qwen2-VL and Qwen2-Audio builders live in :mod:`mmtok.testbed.qwen_builders` and the pieces every
+builder shares in :mod:`mmtok.testbed.builder_parts`; their public names are re-exported here.
 
 Example::
 
@@ -22,20 +26,37 @@ from typing import Any
 
 import torch
 
+from mmtok.testbed.builder_parts import (  # noqa: F401  (re-exported from here)
+    CHAT_WORDS,
+    CLIP_MEAN,
+    CLIP_STD,
+    SPECIALS,
+    init_weights,
+    word_tokenizer,
+)
+from mmtok.testbed.data import item as make_item
 from mmtok.testbed.data import vocabulary
 from mmtok.testbed.data.items import QAItem
+from mmtok.testbed.qwen_builders import (  # noqa: F401  (re-exported from here)
+    AUDIO_SPECIALS,
+    AUDIO_TEMPLATE,
+    QWEN2VL_SPECIALS,
+    QWEN2VL_TEMPLATE,
+    build_audio,
+    build_qwen2vl,
+)
 
-SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
-CHAT_WORDS = ("USER", "ASSISTANT", ":")
 # One user turn with the media first, then the question; the answer follows "ASSISTANT :".
 LLAVA_TEMPLATE = (
     "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IGNORE = -100
+# Processor outputs with one entry per token (``[1, L]``): extended over the answer, then right-padded. Every
+# other tensor a processor returns is a media tensor (pixels, grids, audio features), whatever its shape.
+TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+TOKEN_KEYS = ("input_ids", "attention_mask", "labels", *TYPE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -44,7 +65,7 @@ class Size:
 
     Attributes:
         image_size: pixels per side of the vision tower's input.
-        patch_size: pixels per side of a patch; ``(image_size / patch_size) ** 2`` visual tokens per image.
+        patch_size: pixels per side of a patch; ``(image_size / patch_size / merge_size) ** 2`` tokens per image.
         vision_hidden: vision tower width.
         vision_layers: vision tower depth.
         vision_heads: vision attention heads.
@@ -53,6 +74,11 @@ class Size:
         text_heads: language model attention heads.
         text_kv_heads: key/value heads (grouped-query attention).
         mlp_ratio: MLP width / hidden width in both towers.
+        merge_size: patches per side merged into one LLM token (Qwen2-VL's PatchMerger: 2; LLaVA: 1).
+        video_size: pixels per side of a video frame at the tower's input (Qwen2-VL).
+        temporal_patch_size: frames per patch (Qwen2-VL: 2; an image is its own frame twice).
+
+    For ``testbed-audio`` the ``vision_*`` knobs size the audio encoder (width, layers, heads).
     """
 
     image_size: int = 336
@@ -65,11 +91,19 @@ class Size:
     text_heads: int = 4
     text_kv_heads: int = 2
     mlp_ratio: int = 3
+    merge_size: int = 1
+    video_size: int = 224
+    temporal_patch_size: int = 2
 
     @property
     def visual_tokens(self) -> int:
-        """Tokens per image that reach the language model (CLS dropped)."""
-        return (self.image_size // self.patch_size) ** 2
+        """Tokens per image that reach the language model (CLS dropped; after the patch merger)."""
+        return (self.image_size // self.patch_size // self.merge_size) ** 2
+
+    def video_tokens(self, frames: int) -> int:
+        """Tokens per video of ``frames`` frames that reach the language model (Qwen2-VL)."""
+        t = -(-frames // self.temporal_patch_size)
+        return t * (self.video_size // self.patch_size // self.merge_size) ** 2
 
 
 @dataclass(frozen=True)
@@ -104,45 +138,20 @@ class TestbedSpec:
             size = self.sizes[size]
         return self.builder(size, seed)
 
-
-def word_tokenizer(words: Sequence[str], extra_specials: Sequence[str], **named: Any) -> Any:
-    """A word-level ``PreTrainedTokenizerFast`` over ``words`` (split like :func:`mmtok.testbed.data.items.words`).
-
-    Every word of the testbed vocabulary is one token, so a held-out answer is a short, exact token
-    sequence; decoding joins words with single spaces, which is how the generator writes answers.
-
-    Args:
-        words: the vocabulary (e.g. :func:`mmtok.testbed.data.vocabulary` plus the chat words).
-        extra_specials: special tokens after ``<unk> <s> </s> <pad>`` (e.g. ``"<image>"``).
-        **named: passed to ``PreTrainedTokenizerFast`` (``extra_special_tokens`` ...).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [*SPECIALS, *extra_specials]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        additional_special_tokens=list(extra_specials), **named,
-    )
-
-
-def _init_weights(model: torch.nn.Module, seed: int) -> None:
-    """Re-initialise in a fixed order from ``seed`` (independent of any global RNG use before)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    def describe(self, model: Any, processor: Any) -> list[str]:
+        """Model-card lines: the encoder, the language model, and the LLM tokens one item of each modality gives."""
+        cfg = model.config
+        enc = getattr(cfg, "vision_config", None) or cfg.audio_config
+        text = cfg.text_config
+        tokens = ", ".join(f"{media_tokens(model, processor, m)} per {m}" for m in self.modalities)
+        return [
+            f"- encoder: {enc.model_type}, {enc.num_hidden_layers} layers, width "
+            f"{getattr(enc, 'embed_dim', None) or enc.hidden_size}, {enc.num_attention_heads} heads; LLM tokens "
+            f"per generated item: {tokens}",
+            f"- language model: {text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}, "
+            f"{text.num_attention_heads} heads ({text.num_key_value_heads} key/value), vocabulary {text.vocab_size} "
+            "words (word-level tokenizer)",
+        ]
 
 
 def build_llava(size: Size, seed: int = 0) -> tuple[Any, Any]:
@@ -181,7 +190,7 @@ def build_llava(size: Size, seed: int = 0) -> tuple[Any, Any]:
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    _init_weights(model, seed)
+    init_weights(model, seed)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
@@ -211,6 +220,36 @@ SPECS: dict[str, TestbedSpec] = {
         },
         train_defaults={"steps": 800, "batch_size": 16, "lr": 1.5e-3, "warmup": 50, "weight_decay": 0.01},
     ),
+    "testbed-qwen2vl": TestbedSpec(
+        name="testbed-qwen2vl",
+        modalities=("image", "video"),
+        architecture="Qwen2VLForConditionalGeneration (ViT + 2x2 patch merger, Qwen2 language model with M-RoPE)",
+        builder=build_qwen2vl,
+        sizes={
+            # 448 px images: 32 x 32 patches -> 256 tokens; 16 frames at 336 px: 8 x 12 x 12 = 1,152 tokens.
+            "full": Size(image_size=448, video_size=336, patch_size=14, merge_size=2, vision_hidden=96,
+                         vision_layers=2, vision_heads=2, text_hidden=128, text_layers=3, text_heads=2,
+                         text_kv_heads=1),
+            "tiny": Size(image_size=56, video_size=56, patch_size=14, merge_size=2, vision_hidden=32,
+                         vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2,
+                         text_kv_heads=1, mlp_ratio=2),
+        },
+        train_defaults={"steps": 800, "batch_size": 8, "lr": 1.5e-3, "warmup": 50, "weight_decay": 0.01},
+    ),
+    "testbed-audio": TestbedSpec(
+        name="testbed-audio",
+        modalities=("audio",),
+        architecture="Qwen2AudioForConditionalGeneration (Whisper-style audio encoder + Qwen2 language model)",
+        builder=build_audio,
+        sizes={
+            # 3 s clips: 300 mel frames -> 75 audio tokens.
+            "full": Size(vision_hidden=128, vision_layers=2, vision_heads=2, text_hidden=128, text_layers=3,
+                         text_heads=2, text_kv_heads=1),
+            "tiny": Size(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1,
+                         text_heads=2, text_kv_heads=1, mlp_ratio=2),
+        },
+        train_defaults={"steps": 800, "batch_size": 16, "lr": 1.5e-3, "warmup": 50, "weight_decay": 0.01},
+    ),
 }
 
 
@@ -232,6 +271,12 @@ def chat_prompt(processor: Any, item: QAItem) -> str:
     return str(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
 
+def media_tokens(model: Any, processor: Any, modality: str) -> int:
+    """LLM placeholder tokens of a generated ``modality`` item (every item of a modality has the same size)."""
+    ids = encode_items(processor, [make_item(modality, "train", 0)])["input_ids"]
+    return int((ids == getattr(model.config, f"{modality}_token_id")).sum())
+
+
 def _media_kwargs(item: QAItem) -> dict[str, Any]:
     if item.modality == "image":
         return {"images": [item.media]}
@@ -244,9 +289,11 @@ def encode_items(processor: Any, items: Sequence[QAItem]) -> dict[str, torch.Ten
     """A right-padded training batch: prompt in the chat template, answer, end of sequence.
 
     Each item goes through the processor alone (the same text and media path as generation); the answer
-    words and ``</s>`` are appended, and ``labels`` are ``-100`` everywhere but on them. Per-token tensors
-    (``[1, L]``: ids, mask, token types) are right-padded to the longest row; every other tensor (pixel
-    values, grids) is concatenated along dim 0, which is how the stock models batch them.
+    words and ``</s>`` are appended, and ``labels`` are ``-100`` everywhere but on them. The per-token
+    tensors (:data:`TOKEN_KEYS`: ids, mask, labels, token types) are right-padded to the longest row;
+    every other tensor (pixel values, grids, audio features) is concatenated along dim 0 over the items
+    that have it, in item order, which is how the stock models batch them (a batch may mix images and
+    videos: each model fills its placeholders in row order from its own media tensors).
 
     Returns:
         ``input_ids`` ``[B, L]``, ``attention_mask`` ``[B, L]``, ``labels`` ``[B, L]`` and the media tensors.
@@ -262,24 +309,21 @@ def encode_items(processor: Any, items: Sequence[QAItem]) -> dict[str, torch.Ten
         out = processor(text=[chat_prompt(processor, it)], return_tensors="pt", **_media_kwargs(it))
         answer = tok(it.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ans = torch.tensor([answer], dtype=torch.long)
-        n_prompt = out["input_ids"].shape[1]
         row = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-        row["input_ids"] = torch.cat([out["input_ids"], ans], 1)
+        row["labels"] = torch.cat([torch.full_like(out["input_ids"], IGNORE), ans], 1)
         row["attention_mask"] = torch.cat([out["attention_mask"], torch.ones_like(ans)], 1)
-        row["labels"] = torch.cat([torch.full((1, n_prompt), IGNORE), ans], 1)
-        for k, v in row.items():
-            if k not in ("input_ids", "attention_mask", "labels") and v.dim() == 2 and v.shape[1] == n_prompt:
-                row[k] = torch.cat([v, torch.zeros_like(ans, dtype=v.dtype)], 1)  # answer words are text (0)
+        row["input_ids"] = torch.cat([out["input_ids"], ans], 1)
+        for k in TYPE_KEYS:
+            if k in row:  # answer words are text (type 0)
+                row[k] = torch.cat([row[k], torch.zeros_like(ans, dtype=row[k].dtype)], 1)
         rows.append(row)
     length = max(r["input_ids"].shape[1] for r in rows)
-    token_keys = {k for k, v in rows[0].items() if v.dim() == 2 and v.shape[1] == rows[0]["input_ids"].shape[1]}
-    token_keys |= {"input_ids", "attention_mask", "labels"}
     fill = {"input_ids": tok.pad_token_id, "labels": IGNORE}
     batch: dict[str, torch.Tensor] = {}
-    for k in rows[0]:
-        if k in token_keys:
+    for k in dict.fromkeys(k for r in rows for k in r):
+        if k in TOKEN_KEYS:
             batch[k] = torch.cat([torch.nn.functional.pad(r[k], (0, length - r[k].shape[1]), value=fill.get(k, 0))
                                   for r in rows], 0)
         else:
-            batch[k] = torch.cat([r[k] for r in rows], 0)
+            batch[k] = torch.cat([r[k] for r in rows if k in r], 0)
     return batch

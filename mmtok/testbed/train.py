@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from mmtok.testbed.data import HELDOUT_SPLIT, chance, dataset, families, item
+from mmtok.testbed.data.images import CELL, IMAGE_SIZE
+from mmtok.testbed.dense import DenseProbe, ProjectorTap, batch_labels, class_word_ids, projector_of
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,8 +85,9 @@ class StepBatches(torch.utils.data.Dataset):
     A pure function of ``s``, so a ``DataLoader`` with any number of workers yields the same batches.
     """
 
-    def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int) -> None:
-        self.processor, self.seed, self.start, self.stop = processor, seed, start, stop
+    def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int,
+                 dense_cell: int | None = None) -> None:
+        self.processor, self.seed, self.start, self.stop, self.dense_cell = processor, seed, start, stop, dense_cell
         self.modalities = list(spec.modalities)
         self.per = max(1, batch_size // len(self.modalities))
 
@@ -95,7 +98,10 @@ class StepBatches(torch.utils.data.Dataset):
         step = self.start + i
         items = [it for m in self.modalities
                  for it in dataset(m, "train", self.per, self.seed, form=FORM, start=step * self.per)]
-        return encode_items(self.processor, items)
+        batch = encode_items(self.processor, items)
+        if self.dense_cell is not None:
+            batch["dense_labels"] = batch_labels(items, self.dense_cell)
+        return batch
 
 
 def _device(model: Any) -> torch.device:
@@ -155,6 +161,7 @@ def train(
     until: int | None = None,
     device: str | None = None,
     workers: int = 0,
+    dense_weight: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -181,6 +188,9 @@ def train(
         device: where to train (``"cuda"`` when available, else ``"cpu"``, when None).
         workers: ``DataLoader`` worker processes making batches (0: in the training process, which keeps
             both cores of a small CPU machine for compute; use several on a GPU machine).
+        dense_weight: weight of the per-visual-token probe loss (:mod:`mmtok.testbed.dense`) added to the
+            answer loss; the spec's default when None; 0 turns it off. Only models whose projector keeps
+            the patch grid (Llava) take it.
         log: where progress lines go.
 
     Returns:
@@ -196,6 +206,7 @@ def train(
         "batch_size": batch_size or d.get("batch_size", 16), "lr": lr or d.get("lr", 1e-3),
         "warmup": d.get("warmup", 50) if warmup is None else warmup,
         "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
+        "dense_weight": d.get("dense_weight", 0.0) if dense_weight is None else dense_weight,
     }
     if settings["steps"] < 1 or settings["batch_size"] < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {settings['steps']} and {settings['batch_size']}")
@@ -205,8 +216,21 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     model, processor = spec.build(size, seed)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.98),
-                            weight_decay=settings["weight_decay"])
+    projector = projector_of(model) if settings["dense_weight"] > 0 else None
+    if settings["dense_weight"] > 0 and projector is None:
+        raise ValueError(f"{name} has no patch-grid projector for the dense probe; use dense_weight=0")
+    if projector is not None:
+        vis = model.config.vision_config
+        if (vis.image_size, vis.patch_size) != (IMAGE_SIZE, CELL):
+            raise ValueError(f"the dense probe needs the model's patch grid to be the scenes' layout grid "
+                             f"({IMAGE_SIZE} px images, {CELL} px cells), not {vis.image_size} px / "
+                             f"{vis.patch_size} px patches; use dense_weight=0 for this size")
+    probe = None
+    if projector is not None:
+        probe = DenseProbe(model.config.text_config.hidden_size, model.get_input_embeddings(),
+                           class_word_ids(processor.tokenizer)).to(_device(model))
+    params = [*model.parameters(), *(probe.parameters() if probe is not None else ())]
+    opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98), weight_decay=settings["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, settings["steps"], settings["warmup"]))
     ckpt = work / "checkpoint.pt"
@@ -217,6 +241,8 @@ def train(
         if state["settings"] != settings:
             raise ValueError(f"checkpoint {ckpt} was made with {state['settings']}, not {settings}")
         model.load_state_dict(state["model"])
+        if probe is not None:
+            probe.load_state_dict(state["probe"])  # empty for the tied read-out; kept for a separate head
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         history, start_step = state["history"], state["step"]
@@ -227,12 +253,22 @@ def train(
     model.train()
     stop = settings["steps"] if until is None else min(until, settings["steps"])
     batches = torch.utils.data.DataLoader(
-        StepBatches(spec, processor, settings["batch_size"], seed, start_step, max(start_step, stop)),
+        StepBatches(spec, processor, settings["batch_size"], seed, start_step, max(start_step, stop),
+                    dense_cell=model.config.vision_config.patch_size if probe is not None else None),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
-        loss = model(**_to(batch, _device(model))).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        batch = _to(batch, _device(model))
+        labels = batch.pop("dense_labels", None)
+        if probe is not None and projector is not None:
+            with ProjectorTap(projector) as tap:
+                loss = model(**batch).loss
+            dense = probe(tap.output, labels)
+            (loss + settings["dense_weight"] * dense).backward()
+        else:
+            dense = None
+            loss = model(**batch).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -240,6 +276,9 @@ def train(
         history["seconds"] = time.perf_counter() - t0
         rec: dict[str, Any] = {"step": step + 1, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0],
                                "seconds": round(history["seconds"], 1)}
+        if dense is not None:
+            history.setdefault("dense_losses", []).append(dense.item())
+            rec["dense_loss"] = round(dense.item(), 4)
         last = step + 1 == settings["steps"]
         if eval_every and ((step + 1) % eval_every == 0 or last):
             acc = heldout_accuracy(model, processor, heldout)
@@ -253,6 +292,7 @@ def train(
             log(json.dumps(rec))
         if (step + 1) % ckpt_every == 0 or last or step + 1 == stop:
             _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "probe": probe.state_dict() if probe is not None else None,
                          "step": step + 1, "history": history, "settings": settings})
     logf.close()
     model.eval()
@@ -273,13 +313,12 @@ def export(spec: TestbedSpec, model: Any, processor: Any, out: Path, settings: d
     half.generation_config = model.generation_config
     half.to(torch.float16).save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "README.md").write_text(model_card(spec, model, settings, history, eval_n, out))
+    (out / "README.md").write_text(model_card(spec, model, processor, settings, history, eval_n, out))
 
 
-def model_card(spec: TestbedSpec, model: Any, settings: dict[str, Any], history: dict[str, Any], eval_n: int,
-               out: Path) -> str:
+def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str, Any], history: dict[str, Any],
+               eval_n: int, out: Path) -> str:
     """The model card: architecture, data, training run, held-out accuracy per family beside chance."""
-    cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     weights = out / "model.safetensors"
     mb = weights.stat().st_size / 1e6 if weights.is_file() else float("nan")
@@ -291,8 +330,6 @@ def model_card(spec: TestbedSpec, model: Any, settings: dict[str, Any], history:
             rows.append(f"| {m} | {fam} | {100 * acc.get(fam, float('nan')):.1f} | {100 * ch:.1f} |")
     curve = [f"| {e['step']} | {100 * e['acc']['mean']:.1f} |" for e in history["evals"]]
     losses = history["losses"]
-    vis = cfg.vision_config
-    text = cfg.text_config
     return "\n".join([
         f"# {spec.name}",
         "",
@@ -301,12 +338,7 @@ def model_card(spec: TestbedSpec, model: Any, settings: dict[str, Any], history:
         "not a general-purpose model: it knows only the testbed's closed vocabulary and task families.",
         "",
         "## Architecture",
-        f"- vision: {vis.model_type}, {vis.num_hidden_layers} layers, width {vis.hidden_size}, "
-        f"{vis.num_attention_heads} heads, {vis.image_size} px input, {vis.patch_size} px patches "
-        f"-> {(vis.image_size // vis.patch_size) ** 2} visual tokens per image",
-        f"- language model: {text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}, "
-        f"{text.num_attention_heads} heads ({text.num_key_value_heads} key/value), vocabulary {text.vocab_size} "
-        "words (word-level tokenizer)",
+        *spec.describe(model, processor),
         f"- {n_params / 1e6:.2f} M parameters; weights {mb:.2f} MB (fp16 safetensors)",
         "",
         "## Training",

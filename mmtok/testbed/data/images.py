@@ -1,8 +1,11 @@
 """Image task families: small key objects among distractors on a textured grey background.
 
-Images are ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB (336, i.e. 24 x 24 patches of 14 px). Objects are 14-33 px
-wide, so a key object covers 2-9 patches and is placed at random: a compressor that drops its tokens loses
-the answer. The background is grey (R = G = B, values 45-210) with grey strokes, so objects, the white label
+Images are ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB (336 px), laid out on a grid of ``CELL`` = 21 px cells
+(16 x 16, the patch grid of the shipped ``testbed-llava``): an ordinary object (11-17 px) is centred in one
+cell, the largest object of its family fills a 2 x 2 block, the box outline a 3 x 3 block and each label
+character a cell of its own. So a key object is one visual token of that model (and a few tokens of a
+14 px-patch model): a compressor that drops it loses the answer, and counting objects is counting
+tokens. The background is grey (R = G = B, values 45-210) with grey strokes, so objects, the white label
 and the black box outline are the only non-grey pixels; objects never overlap and keep a gap of at least
 4 px, so each is one connected colour component (the checker relies on it).
 """
@@ -33,6 +36,7 @@ from mmtok.testbed.data.items import (
 )
 
 IMAGE_SIZE = 336
+CELL = 21  # layout grid pitch: the patch size of testbed-llava (336 / 21 = 16 cells per side)
 QUADRANTS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 NUMBERS = ("1", "2", "3", "4", "5", "6")
 FRAME_WIDTH = 2
@@ -125,8 +129,10 @@ def render_image(scene: dict[str, Any]) -> Image.Image:
         x0, y0, x1, y1 = label["box"]
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=WHITE)
         pitch, top, _ = label_metrics(label["font_size"])
+        pitch = label.get("pitch", pitch)
+        pad_x, pad_y = label.get("pad", (LABEL_PAD, LABEL_PAD))
         for i, ch in enumerate(label["text"]):
-            draw.text((x0 + LABEL_PAD + i * pitch, y0 + LABEL_PAD - top), ch, fill=BLACK,
+            draw.text((x0 + pad_x + i * pitch, y0 + pad_y - top), ch, fill=BLACK,
                       font=font(label["font_size"]))
     return img
 
@@ -135,10 +141,15 @@ def render_image(scene: dict[str, Any]) -> Image.Image:
 
 
 class Layout:
-    """Random non-overlapping placement of square boxes on a canvas."""
+    """Random non-overlapping placement of boxes on a canvas, optionally snapped to a grid of cells.
 
-    def __init__(self, rng: np.random.Generator, size: int, gap: int = 4, border: int = 4) -> None:
-        self.rng, self.size, self.gap, self.border = rng, size, gap, border
+    With ``cell`` set, a ``w`` x ``h`` box is centred in a block of ``ceil((w + gap) / cell)`` cells per side
+    (so boxes in distinct blocks keep ``gap`` pixels apart), and regions are honoured box-wise.
+    """
+
+    def __init__(self, rng: np.random.Generator, size: int, gap: int = 4, border: int = 4,
+                 cell: int | None = None) -> None:
+        self.rng, self.size, self.gap, self.border, self.cell = rng, size, gap, border, cell
         self.boxes: list[list[int]] = []
 
     def free(self, box: list[int]) -> bool:
@@ -147,10 +158,32 @@ class Layout:
         return all(box[2] + g <= b[0] or b[2] + g <= box[0] or box[3] + g <= b[1] or b[3] + g <= box[1]
                    for b in self.boxes)
 
+    def _grid_range(self, c: int, lo: int, hi: int, w: int) -> tuple[int, int, int]:
+        """``(first, last, offset)``: cells (pitch ``c``) whose centred ``w``-px box lies in ``[lo, hi)``."""
+        k = -(-(w + self.gap) // c)
+        off = (k * c - w) // 2
+        first = max(0, -(-(lo - off) // c))
+        last = min((hi - w - off) // c, (self.size - off - w) // c)
+        return first, last, off
+
     def place(self, w: int, h: int | None = None, region: tuple[int, int, int, int] | None = None,
               tries: int = 200) -> list[int]:
         """Reserve and return a free ``w`` x ``h`` box inside ``region`` (default: the canvas less a border)."""
         h = w if h is None else h
+        if self.cell is not None:
+            x0, y0, x1, y1 = region if region is not None else (0, 0, self.size, self.size)
+            fx, lx, ox = self._grid_range(self.cell, x0, x1, w)
+            fy, ly, oy = self._grid_range(self.cell, y0, y1, h)
+            if fx > lx or fy > ly:
+                raise Retry
+            for _ in range(tries):
+                x = int(self.rng.integers(fx, lx + 1)) * self.cell + ox
+                y = int(self.rng.integers(fy, ly + 1)) * self.cell + oy
+                box = [x, y, x + w, y + h]
+                if self.free(box):
+                    self.boxes.append(box)
+                    return box
+            raise Retry
         lo, hi = self.border, self.size - self.border
         x0, y0, x1, y1 = region if region is not None else (lo, lo, hi, hi)
         if x1 - x0 < w or y1 - y0 < h:
@@ -165,12 +198,16 @@ class Layout:
         raise Retry
 
 
+def _layout(rng: np.random.Generator) -> Layout:
+    return Layout(rng, IMAGE_SIZE, cell=CELL)
+
+
 def _obj(lay: Layout, colour: str, shape: str, size: int, region: tuple[int, int, int, int] | None = None
          ) -> dict[str, Any]:
     return {"colour": colour, "shape": shape, "box": lay.place(size, region=region)}
 
 
-def _size(rng: np.random.Generator, lo: int = 16, hi: int = 28) -> int:
+def _size(rng: np.random.Generator, lo: int = 13, hi: int = 17) -> int:
     return int(rng.integers(lo, hi + 1))
 
 
@@ -181,7 +218,7 @@ def _scene(rng: np.random.Generator, objects: list[dict[str, Any]], query: dict[
             "objects": [objects[i] for i in order], **extra, "query": query}
 
 
-def _distractors(rng: np.random.Generator, lay: Layout, n: int, ok: Any, lo: int = 16, hi: int = 28
+def _distractors(rng: np.random.Generator, lay: Layout, n: int, ok: Any, lo: int = 13, hi: int = 17
                  ) -> list[dict[str, Any]]:
     """``n`` objects whose (colour, shape) satisfies ``ok(colour, shape)``."""
     combos = [(c, s) for c in COLOUR_NAMES for s in SHAPES if ok(c, s)]
@@ -192,7 +229,7 @@ def _distractors(rng: np.random.Generator, lay: Layout, n: int, ok: Any, lo: int
 
 
 def _count(rng: np.random.Generator) -> Draft:
-    lay = Layout(rng, IMAGE_SIZE)
+    lay = _layout(rng)
     n = int(rng.integers(1, 7))
     if rng.integers(2):
         c = pick(rng, COLOUR_NAMES)
@@ -210,8 +247,8 @@ def _count(rng: np.random.Generator) -> Draft:
 
 
 def _position(rng: np.random.Generator) -> Draft:
-    lay = Layout(rng, IMAGE_SIZE)
-    half, m = IMAGE_SIZE // 2, 6
+    lay = _layout(rng)
+    half, m = IMAGE_SIZE // 2, 0
     ask_colour = bool(rng.integers(2))
     fixed = pick(rng, SHAPES) if ask_colour else pick(rng, COLOUR_NAMES)
     per_region = {}
@@ -238,7 +275,7 @@ def _position(rng: np.random.Generator) -> Draft:
 
 
 def _relation(rng: np.random.Generator) -> Draft:
-    lay = Layout(rng, IMAGE_SIZE)
+    lay = _layout(rng)
     relation = pick(rng, ("left", "right", "higher", "lower"))
     i, j = rng.choice(len(COMBOS), size=2, replace=False)
     a_name, b_name = COMBOS[int(i)], COMBOS[int(j)]
@@ -263,12 +300,14 @@ def _relation(rng: np.random.Generator) -> Draft:
 
 
 def _read(rng: np.random.Generator) -> Draft:
-    lay = Layout(rng, IMAGE_SIZE)
+    lay = _layout(rng)
     length = int(rng.integers(3, 5))
     text = "".join(pick(rng, ALPHABET) for _ in range(length))
-    font_size = int(rng.integers(15, 19))
-    pitch, top, bottom = label_metrics(font_size)
-    box = lay.place(2 * LABEL_PAD + length * pitch, 2 * LABEL_PAD + bottom - top)
+    font_size = int(rng.integers(14, 17))
+    width, top, bottom = label_metrics(font_size)
+    # One character per grid cell, centred in it: a label of n characters is n visual tokens.
+    box = lay.place(length * CELL - lay.gap, CELL - lay.gap)
+    pad = [(CELL - (width - 2)) // 2 - lay.gap // 2, (CELL - lay.gap - (bottom - top)) // 2]
     others = _distractors(rng, lay, int(rng.integers(6, 11)), lambda c, s: True)
     answer = " ".join(text)
     wrong = []
@@ -277,13 +316,13 @@ def _read(rng: np.random.Generator) -> Draft:
         alt = text[:pos] + pick(rng, ALPHABET.replace(text[pos], "")) + text[pos + 1:]
         if " ".join(alt) not in wrong:
             wrong.append(" ".join(alt))
-    label = {"box": box, "text": text, "font_size": font_size}
+    label = {"box": box, "text": text, "font_size": font_size, "pitch": CELL, "pad": pad}
     return Draft(_scene(rng, others, {"key": [box]}, label=label), "what does the label say ?", answer,
                  mc_choices(rng, answer, wrong))
 
 
 def _odd_one_out(rng: np.random.Generator) -> Draft:
-    lay = Layout(rng, IMAGE_SIZE)
+    lay = _layout(rng)
     ask_colour = bool(rng.integers(2))
     if ask_colour:
         odd = pick(rng, COLOUR_NAMES)
@@ -304,15 +343,12 @@ def _odd_one_out(rng: np.random.Generator) -> Draft:
 
 
 def _inside(rng: np.random.Generator) -> Draft:
-    lay = Layout(rng, IMAGE_SIZE)
-    inner = int(rng.integers(44, 65))
-    outer = inner + 2 * FRAME_WIDTH
-    frame = lay.place(outer)
+    lay = _layout(rng)
+    frame = lay.place(3 * CELL - lay.gap)  # a 3 x 3 block of cells; the object sits in the middle one
     name = pick(rng, COMBOS)
-    size = _size(rng, 16, 24)
-    gap = FRAME_WIDTH + 5
-    x = int(rng.integers(frame[0] + gap, frame[2] - gap - size + 1))
-    y = int(rng.integers(frame[1] + gap, frame[3] - gap - size + 1))
+    size = _size(rng)
+    x = frame[0] - lay.gap // 2 + CELL + (CELL - size) // 2
+    y = frame[1] - lay.gap // 2 + CELL + (CELL - size) // 2
     target = {"colour": name.split()[0], "shape": name.split()[1], "box": [x, y, x + size, y + size]}
     others = _distractors(rng, lay, int(rng.integers(6, 11)), lambda c, s: f"{c} {s}" != name)
     hard = [f"{o['colour']} {o['shape']}" for o in others]
@@ -321,9 +357,9 @@ def _inside(rng: np.random.Generator) -> Draft:
 
 
 def _largest(rng: np.random.Generator) -> Draft:
-    lay = Layout(rng, IMAGE_SIZE)
-    sizes = [_size(rng, 14, 20) for _ in range(int(rng.integers(6, 11)))]
-    big = int(1.5 * max(sizes)) + int(rng.integers(0, 4))
+    lay = _layout(rng)
+    sizes = [_size(rng, 11, 15) for _ in range(int(rng.integers(6, 11)))]
+    big = _size(rng, 32, 2 * CELL - lay.gap)  # fills a 2 x 2 block of cells
     ask_colour = bool(rng.integers(2))
     colour, shape = pick(rng, COLOUR_NAMES), pick(rng, SHAPES)
     target = _obj(lay, colour, shape, big)
@@ -340,7 +376,7 @@ def _largest(rng: np.random.Generator) -> Draft:
 
 
 def _exists(rng: np.random.Generator) -> Draft:
-    lay = Layout(rng, IMAGE_SIZE)
+    lay = _layout(rng)
     colour, shape = pick(rng, COLOUR_NAMES), pick(rng, SHAPES)
     present = bool(rng.integers(2))
     objects = [_obj(lay, colour, shape, _size(rng))] if present else []

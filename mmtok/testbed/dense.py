@@ -1,0 +1,186 @@
+"""Dense per-token supervision of a testbed model's visual tokens during training (the probe is not shipped).
+
+Answer-only training gives one or two supervised words per image of 256 visual tokens, and a model trained
+from scratch first learns to answer from the question alone (``media_gain`` stays at 0 for thousands of
+steps: the run-1 and run-2 failures of issue #4). Like the caption-alignment stage of LLaVA (Liu et al.,
+2023, Sec. 4.2 "Stage 1: pre-training for feature alignment"), which teaches the projector what the visual
+tokens mean before instruction tuning, we give every visual token a target of its own: a linear probe on the
+projector's output predicts, for the grid cell under that token, the colour and shape of the object there
+(or "none" / "box" / "label") and the label character there. The scene description gives these labels
+exactly, because the image generator lays objects out on the same grid as the model's patches
+(:data:`mmtok.testbed.data.images.CELL`). The probe's loss is added to the answer loss with a weight; the
+probe is dropped at export, so the shipped model is the stock architecture with nothing extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmtok.testbed.data.items import ALPHABET, COLOUR_NAMES, SHAPES, QAItem
+
+COLOUR_CLASSES = ("none", *COLOUR_NAMES)
+SHAPE_CLASSES = ("none", *SHAPES, "box", "label")
+CHAR_CLASSES = ("none", *ALPHABET)
+IGNORE = -100
+
+
+def cell_labels(scene: dict[str, Any], cell: int) -> torch.Tensor:
+    """Per-cell targets of one image scene, row-major over the ``size / cell`` square grid.
+
+    A cell takes the colour and shape of the object whose box overlaps it (a 2 x 2 object labels all four
+    cells), ``"box"`` where only the box outline crosses it, ``"label"`` (colour ``"none"``) and the
+    character under it on the label.
+
+    Args:
+        scene: an image scene from :mod:`mmtok.testbed.data.images` (``size``, ``objects``, optional
+            ``frame`` and ``label``).
+        cell: grid pitch in pixels (the model's patch size).
+
+    Returns:
+        ``[G * G, 3]`` long tensor of class indices into (:data:`COLOUR_CLASSES`, :data:`SHAPE_CLASSES`,
+        :data:`CHAR_CLASSES`), ``G = size // cell``.
+
+    Raises:
+        ValueError: ``size`` is not a multiple of ``cell``.
+    """
+    size = scene["size"]
+    if cell < 1 or size % cell:
+        raise ValueError(f"image size {size} is not a multiple of the cell size {cell}")
+    g = size // cell
+    out = torch.zeros(g, g, 3, dtype=torch.long)
+
+    def cells(box: Sequence[int]) -> tuple[slice, slice]:
+        x0, y0, x1, y1 = box
+        return slice(y0 // cell, (y1 - 1) // cell + 1), slice(x0 // cell, (x1 - 1) // cell + 1)
+
+    if "frame" in scene:
+        rows, cols = cells(scene["frame"]["box"])
+        out[rows, cols, 1] = SHAPE_CLASSES.index("box")
+    for obj in scene["objects"]:
+        rows, cols = cells(obj["box"])
+        out[rows, cols, 0] = COLOUR_CLASSES.index(obj["colour"])
+        out[rows, cols, 1] = SHAPE_CLASSES.index(obj["shape"])
+    if "label" in scene:
+        label = scene["label"]
+        rows, cols = cells(label["box"])
+        out[rows, cols, 0] = 0
+        out[rows, cols, 1] = SHAPE_CLASSES.index("label")
+        pitch = label.get("pitch", cell)
+        x0, y0 = label["box"][0], label["box"][1]
+        for i, ch in enumerate(label["text"]):
+            cx = (x0 + i * pitch + pitch // 2) // cell
+            out[y0 // cell, cx, 2] = CHAR_CLASSES.index(ch)
+    return out.reshape(g * g, 3)
+
+
+def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
+    """``[n_images, G * G, 3]`` targets of the image items in ``items`` (other modalities are skipped)."""
+    rows = [cell_labels(it.scene, cell) for it in items if it.modality == "image"]
+    if not rows:
+        raise ValueError("batch_labels needs at least one image item")
+    return torch.stack(rows)
+
+
+class DenseProbe(torch.nn.Module):
+    """A linear read-out of each projected visual token: colour, shape and character logits of its cell.
+
+    With ``word_embeddings`` the read-out is the language model's own (tied) word embedding matrix: class
+    ``k`` of a head scores ``<token, embedding of word k>``, so a red circle's token is pulled toward the
+    words "red" and "circle" that the questions use, which is what LLaVA's alignment stage achieves with a
+    pretrained language model. Otherwise a separate linear head (not shipped) is used.
+    """
+
+    def __init__(self, hidden: int, word_embeddings: torch.nn.Embedding | None = None,
+                 word_ids: Sequence[Sequence[int]] | None = None) -> None:
+        super().__init__()
+        self.sizes = (len(COLOUR_CLASSES), len(SHAPE_CLASSES), len(CHAR_CLASSES))
+        if (word_embeddings is None) != (word_ids is None):
+            raise ValueError("pass both word_embeddings and word_ids (one id list per head), or neither")
+        if word_ids is not None:
+            if tuple(len(ids) for ids in word_ids) != self.sizes:
+                raise ValueError(f"word_ids must list {self.sizes} ids for the three heads, "
+                                 f"got {tuple(len(ids) for ids in word_ids)}")
+            self.register_buffer("ids", torch.tensor([i for ids in word_ids for i in ids]), persistent=False)
+            self.words = [word_embeddings]  # a list: not registered, so its weight is the model's, not ours
+            self.head = None
+        else:
+            self.words = []
+            self.head = torch.nn.Linear(hidden, sum(self.sizes))
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[..., sum(sizes)]`` class logits of ``tokens`` ``[..., hidden]``."""
+        if self.head is not None:
+            return self.head(tokens)
+        return tokens @ self.words[0].weight[self.ids].T
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the three heads' mean cross-entropies.
+
+        Args:
+            tokens: ``[n_images, N, hidden]`` projected visual tokens.
+            labels: ``[n_images, N, 3]`` targets from :func:`batch_labels`.
+
+        Returns:
+            Scalar loss.
+
+        Raises:
+            ValueError: token and label shapes disagree.
+        """
+        if tokens.shape[:2] != labels.shape[:2]:
+            raise ValueError(f"{tuple(tokens.shape[:2])} visual tokens but labels for {tuple(labels.shape[:2])}")
+        logits = self.logits(tokens).float().split(self.sizes, dim=-1)
+        return sum(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., k].reshape(-1),
+                                                     ignore_index=IGNORE)
+                   for k, lg in enumerate(logits))
+
+
+def class_word_ids(tokenizer: Any) -> list[list[int]]:
+    """Token ids of the class words of the three heads ("none" is the pad token; "box", "label" are words).
+
+    Raises:
+        ValueError: a class word is not a single known token of ``tokenizer``.
+    """
+    out = []
+    for classes in (COLOUR_CLASSES, SHAPE_CLASSES, CHAR_CLASSES):
+        ids = []
+        for word in classes:
+            tok = tokenizer.pad_token if word == "none" else word
+            i = tokenizer.convert_tokens_to_ids(tok)
+            if i is None or i == tokenizer.unk_token_id:
+                raise ValueError(f"the tokenizer has no token for the probe class word {word!r}")
+            ids.append(int(i))
+        out.append(ids)
+    return out
+
+
+def projector_of(model: Any) -> torch.nn.Module | None:
+    """The module whose output is the ``[n_images, N, hidden]`` visual tokens on the patch grid, if any.
+
+    Llava's multimodal projector maps each patch token to the language model's width one to one, so its
+    output rows are the grid cells in row-major order. Models whose merger mixes cells (Qwen2-VL's 2 x 2
+    merge) return None: the probe is not used for them.
+    """
+    inner = getattr(model, "model", None)
+    return getattr(inner, "multi_modal_projector", None)
+
+
+class ProjectorTap:
+    """Context manager: record the projector's output during a forward pass (hook removed on exit)."""
+
+    def __init__(self, projector: torch.nn.Module) -> None:
+        self.projector = projector
+        self.output: torch.Tensor | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> ProjectorTap:
+        def hook(_module: Any, _args: Any, out: torch.Tensor) -> None:
+            self.output = out
+
+        self._handle = self.projector.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()

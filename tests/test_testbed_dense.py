@@ -1,0 +1,167 @@
+"""The grid layout of testbed images and the dense per-token probe used while training testbed-llava."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mmtok.testbed.data import dataset, families  # noqa: E402
+from mmtok.testbed.data.images import CELL, IMAGE_SIZE  # noqa: E402
+from mmtok.testbed.dense import (  # noqa: E402
+    CHAR_CLASSES,
+    COLOUR_CLASSES,
+    SHAPE_CLASSES,
+    DenseProbe,
+    ProjectorTap,
+    batch_labels,
+    cell_labels,
+    class_word_ids,
+)
+from mmtok.testbed.models import Size, get_spec  # noqa: E402
+from mmtok.testbed.train import train  # noqa: E402
+
+G = IMAGE_SIZE // CELL
+
+
+def _block(box: list[int]) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    return x0 // CELL, y0 // CELL, (x1 - 1) // CELL, (y1 - 1) // CELL
+
+
+def test_objects_sit_in_whole_cells_a_cell_apart() -> None:
+    for fam in families("image"):
+        for it in dataset("image", "train", 12, families=[fam]):
+            blocks = [_block(o["box"]) for o in it.scene["objects"]]
+            for (cx0, cy0, cx1, cy1), o in zip(blocks, it.scene["objects"], strict=True):
+                w = o["box"][2] - o["box"][0]
+                cells = 1 if w <= CELL - 4 else 2
+                assert (cx1 - cx0 + 1, cy1 - cy0 + 1) == (cells, cells), (fam, o)
+                # Centred: the box keeps >= 2 px from the block's edges, so neighbours keep the 4 px gap.
+                assert o["box"][0] - cx0 * CELL >= 2 and (cx1 + 1) * CELL - o["box"][2] >= 2
+            if fam != "inside":  # the object in the box shares the box outline's block on purpose
+                cells = [(x, y) for x0, y0, x1, y1 in blocks for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
+                assert len(cells) == len(set(cells)), fam
+
+
+def test_cell_labels_known_answer() -> None:
+    scene = {
+        "size": 84,  # 4 x 4 cells of 21 px
+        "objects": [
+            {"colour": "red", "shape": "circle", "box": [2, 2, 19, 19]},  # cell (0, 0)
+            {"colour": "blue", "shape": "cross", "box": [44, 2, 82, 40]},  # cells x 2-3, y 0-1
+            {"colour": "green", "shape": "square", "box": [26, 68, 37, 79]},  # cell (1, 3)
+        ],
+        "label": {"box": [2, 44, 40, 61], "text": "7A", "font_size": 15, "pitch": 21},  # cells (0, 2), (1, 2)
+    }
+    lab = cell_labels(scene, 21).reshape(4, 4, 3)
+    colour = [[COLOUR_CLASSES[i] for i in row] for row in lab[..., 0].tolist()]
+    shape = [[SHAPE_CLASSES[i] for i in row] for row in lab[..., 1].tolist()]
+    chars = [[CHAR_CLASSES[i] for i in row] for row in lab[..., 2].tolist()]
+    assert colour == [["red", "none", "blue", "blue"], ["none", "none", "blue", "blue"],
+                      ["none", "none", "none", "none"], ["none", "green", "none", "none"]]
+    assert shape == [["circle", "none", "cross", "cross"], ["none", "none", "cross", "cross"],
+                     ["label", "label", "none", "none"], ["none", "square", "none", "none"]]
+    assert chars[2][:2] == ["7", "A"] and sum(c != "none" for row in chars for c in row) == 2
+    framed = {"size": 84, "objects": [{"colour": "red", "shape": "circle", "box": [25, 25, 38, 38]}],
+              "frame": {"box": [2, 2, 61, 61], "width": 2}}
+    shape = cell_labels(framed, 21).reshape(4, 4, 3)[..., 1]
+    assert SHAPE_CLASSES[int(shape[1, 1])] == "circle"
+    assert [SHAPE_CLASSES[int(v)] for v in shape[:3, :3].flatten()].count("box") == 8
+    with pytest.raises(ValueError, match="multiple"):
+        cell_labels(scene, 25)
+
+
+def test_labels_of_generated_items_match_their_objects() -> None:
+    items = list(dataset("image", "train", 16, form="mixed"))
+    labels = batch_labels(items, CELL)
+    assert labels.shape == (16, G * G, 3)
+    for it, lab in zip(items, labels, strict=True):
+        covered = 0
+        for o in it.scene["objects"]:
+            x0, y0, x1, y1 = _block(o["box"])
+            covered += (x1 - x0 + 1) * (y1 - y0 + 1)
+        if it.family != "inside":
+            assert int((lab[:, 0] > 0).sum()) == covered
+        if "label" in it.scene:
+            text = it.scene["label"]["text"]
+            assert "".join(CHAR_CLASSES[i] for i in lab[:, 2].tolist() if i) == text
+
+
+def test_probe_loss_is_the_three_cross_entropies() -> None:
+    torch.manual_seed(0)
+    probe = DenseProbe(8)
+    tokens = torch.randn(2, 5, 8)
+    labels = torch.stack([torch.randint(0, n, (2, 5)) for n in probe.sizes], -1)
+    logits = probe.head(tokens)
+    a, b = probe.sizes[0], probe.sizes[0] + probe.sizes[1]
+    want = sum(torch.nn.functional.cross_entropy(lg.reshape(10, -1), labels[..., k].reshape(10))
+               for k, lg in enumerate((logits[..., :a], logits[..., a:b], logits[..., b:])))
+    assert torch.allclose(probe(tokens, labels), want)
+    with pytest.raises(ValueError, match="labels"):
+        probe(tokens, labels[:, :4])
+
+
+def test_tap_records_and_always_removes_its_hook() -> None:
+    layer = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    with ProjectorTap(layer) as tap:
+        y = layer(x)
+    assert torch.equal(tap.output, y) and not layer._forward_hooks
+    with pytest.raises(RuntimeError), ProjectorTap(layer):
+        raise RuntimeError("boom")
+    assert not layer._forward_hooks
+
+
+GRID_SIZE = Size(image_size=IMAGE_SIZE, patch_size=CELL, vision_hidden=16, vision_layers=1, vision_heads=2,
+                 text_hidden=16, text_layers=1, text_heads=2, text_kv_heads=1, mlp_ratio=2)
+
+
+def _run(tmp, **kw):
+    args = dict(size=GRID_SIZE, steps=3, batch_size=4, lr=5e-3, warmup=0, seed=0, work_dir=tmp, eval_every=0,
+                dense_weight=0.5, log=lambda s: None)
+    args.update(kw)
+    return train("testbed-llava", **args)
+
+
+def test_dense_training_lowers_the_probe_loss_resumes_exactly_and_ships_no_probe(tmp_path) -> None:
+    torch.set_num_threads(1)
+    full = _run(tmp_path / "full", steps=4)
+    assert len(full["dense_losses"]) == 4 and full["dense_losses"][-1] < full["dense_losses"][0]
+    part = _run(tmp_path / "part", steps=4, until=2)
+    rest = _run(tmp_path / "part", steps=4, resume=True)
+    assert rest["losses"] == full["losses"] and rest["dense_losses"] == full["dense_losses"]
+    model, _ = get_spec("testbed-llava").build(GRID_SIZE, 0)
+    assert set(full["model"].state_dict()) == set(model.state_dict())  # the probe is not part of the model
+    assert len(part["losses"]) == 2
+    with pytest.raises(ValueError, match="dense"):
+        _run(tmp_path / "tiny", size="tiny", steps=1)  # 56 px / 14 px: the grid is not the scene's
+
+
+def test_tied_read_out_scores_tokens_against_the_class_words() -> None:
+    model, processor = get_spec("testbed-llava").build("tiny", seed=0)
+    ids = class_word_ids(processor.tokenizer)
+    tok = processor.tokenizer
+    assert tok.convert_ids_to_tokens(ids[0]) == [tok.pad_token, *COLOUR_CLASSES[1:]]
+    assert tok.convert_ids_to_tokens(ids[1])[-2:] == ["box", "label"]
+    assert tok.convert_ids_to_tokens(ids[2])[1:] == list(CHAR_CLASSES[1:])
+    emb = model.get_input_embeddings()
+    probe = DenseProbe(emb.embedding_dim, emb, ids)
+    assert not list(probe.parameters())  # nothing to ship or drop: the read-out is the model's embedding
+    tokens = torch.randn(1, 3, emb.embedding_dim)
+    flat = [i for row in ids for i in row]
+    assert torch.allclose(probe.logits(tokens), tokens @ emb.weight[flat].T)
+    # With orthogonal word vectors, the token "red" + "circle" scores those words highest in its heads.
+    wide = torch.nn.Embedding(emb.num_embeddings, 2 * emb.num_embeddings)
+    with torch.no_grad():
+        wide.weight.copy_(torch.eye(emb.num_embeddings, 2 * emb.num_embeddings) * 5)
+    one = wide.weight[tok.convert_tokens_to_ids("red")] + wide.weight[tok.convert_tokens_to_ids("circle")]
+    colour, shape, _ = DenseProbe(wide.embedding_dim, wide, ids).logits(one).split(probe.sizes)
+    assert COLOUR_CLASSES[int(colour.argmax())] == "red" and SHAPE_CLASSES[int(shape.argmax())] == "circle"
+    with pytest.raises(ValueError, match="word_ids"):
+        DenseProbe(emb.embedding_dim, emb, [ids[0], ids[1]])
+    with pytest.raises(ValueError, match="both"):
+        DenseProbe(emb.embedding_dim, emb)
