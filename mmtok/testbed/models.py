@@ -46,10 +46,14 @@ from mmtok.testbed.qwen_builders import (  # noqa: F401  (re-exported from here)
     build_qwen2vl,
 )
 
-# One user turn with the media first, then the question; the answer follows "ASSISTANT :".
+# One user turn: the question, then the image (whatever order the message lists them in); the answer follows
+# "ASSISTANT :". Question first lets every visual token attend to the question in the first layer (the
+# causal mask hides it otherwise), which a language model trained from scratch on CPU needs to learn to read
+# its image at all: two image-first runs stayed at chance (issue #4 notes).
 LLAVA_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 IGNORE = -100
@@ -214,7 +218,7 @@ SPECS: dict[str, TestbedSpec] = {
         sizes={
             # 336 px / 21 px patches: 256 visual tokens, the issue's floor, chosen for CPU training speed.
             "full": Size(patch_size=21, vision_hidden=96, vision_layers=2, vision_heads=2, text_hidden=128,
-                         text_layers=3, text_heads=2, text_kv_heads=1),
+                         text_layers=3, text_heads=4, text_kv_heads=2),
             "tiny": Size(image_size=56, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
                          text_layers=1, text_heads=2, text_kv_heads=1, mlp_ratio=2),
         },
@@ -265,7 +269,7 @@ def get_spec(name: str) -> TestbedSpec:
 
 
 def chat_prompt(processor: Any, item: QAItem) -> str:
-    """The prompt text ``mmtok.compress_then_generate`` builds for ``item``: its chat template, media first."""
+    """The prompt text ``mmtok.compress_then_generate`` builds for ``item``: the model's own chat template."""
     content = [{"type": item.modality}, {"type": "text", "text": item.prompt}]
     messages = [{"role": "user", "content": content}]
     return str(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mmtok.testbed.curriculum import background_share, image_features, keep_mask, reduced_inputs
 from mmtok.testbed.data import HELDOUT_SPLIT, chance, dataset, families, item
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import DenseProbe, ProjectorTap, batch_labels, class_word_ids, projector_of
@@ -162,6 +163,7 @@ def train(
     device: str | None = None,
     workers: int = 0,
     dense_weight: float | None = None,
+    curriculum: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -191,6 +193,9 @@ def train(
         dense_weight: weight of the per-visual-token probe loss (:mod:`mmtok.testbed.dense`) added to the
             answer loss; the spec's default when None; 0 turns it off. Only models whose projector keeps
             the patch grid (Llava) take it.
+        curriculum: share of the steps over which background visual tokens are phased in
+            (:mod:`mmtok.testbed.curriculum`); the spec's default when None; 0 trains on whole images
+            throughout. Needs ``dense_weight > 0``.
         log: where progress lines go.
 
     Returns:
@@ -207,7 +212,10 @@ def train(
         "warmup": d.get("warmup", 50) if warmup is None else warmup,
         "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
         "dense_weight": d.get("dense_weight", 0.0) if dense_weight is None else dense_weight,
+        "curriculum": d.get("curriculum", 0.0) if curriculum is None else curriculum,
     }
+    if settings["curriculum"] > 0 and settings["dense_weight"] <= 0:
+        raise ValueError("the curriculum needs the scene's content cells: use it with dense_weight > 0")
     if settings["steps"] < 1 or settings["batch_size"] < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {settings['steps']} and {settings['batch_size']}")
     if threads is not None:
@@ -259,7 +267,14 @@ def train(
     for step, batch in zip(range(start_step, stop), batches, strict=True):
         batch = _to(batch, _device(model))
         labels = batch.pop("dense_labels", None)
-        if probe is not None and projector is not None:
+        share = background_share(step, settings["steps"], settings["curriculum"])
+        if probe is not None and share < 1.0:
+            feats = image_features(model, batch["pixel_values"])
+            keep = keep_mask(labels, share, torch.Generator().manual_seed(seed * 1_000_003 + step))
+            loss = model(**reduced_inputs(model, batch, feats, keep)).loss
+            dense = probe(feats, labels)
+            (loss + settings["dense_weight"] * dense).backward()
+        elif probe is not None and projector is not None:
             with ProjectorTap(projector) as tap:
                 loss = model(**batch).loss
             dense = probe(tap.output, labels)
