@@ -15,11 +15,13 @@ from mmtok.testbed.dense import (  # noqa: E402
     CHAR_CLASSES,
     COLOUR_CLASSES,
     SHAPE_CLASSES,
+    TEMPERATURE,
     DenseProbe,
-    ProjectorTap,
     batch_labels,
     cell_labels,
     class_word_ids,
+    key_cells,
+    relevance_loss,
 )
 from mmtok.testbed.models import Size, get_spec  # noqa: E402
 from mmtok.testbed.train import train  # noqa: E402
@@ -78,7 +80,7 @@ def test_cell_labels_known_answer() -> None:
 def test_labels_of_generated_items_match_their_objects() -> None:
     items = list(dataset("image", "train", 16, form="mixed"))
     labels = batch_labels(items, CELL)
-    assert labels.shape == (16, G * G, 3)
+    assert labels.shape == (16, G * G, 4)
     for it, lab in zip(items, labels, strict=True):
         covered = 0
         for o in it.scene["objects"]:
@@ -103,17 +105,6 @@ def test_probe_loss_is_the_three_cross_entropies() -> None:
     assert torch.allclose(probe(tokens, labels), want)
     with pytest.raises(ValueError, match="labels"):
         probe(tokens, labels[:, :4])
-
-
-def test_tap_records_and_always_removes_its_hook() -> None:
-    layer = torch.nn.Linear(3, 3)
-    x = torch.randn(2, 3)
-    with ProjectorTap(layer) as tap:
-        y = layer(x)
-    assert torch.equal(tap.output, y) and not layer._forward_hooks
-    with pytest.raises(RuntimeError), ProjectorTap(layer):
-        raise RuntimeError("boom")
-    assert not layer._forward_hooks
 
 
 GRID_SIZE = Size(image_size=IMAGE_SIZE, patch_size=CELL, vision_hidden=16, vision_layers=1, vision_heads=2,
@@ -153,7 +144,9 @@ def test_tied_read_out_scores_tokens_against_the_class_words() -> None:
     assert not list(probe.parameters())  # nothing to ship or drop: the read-out is the model's embedding
     tokens = torch.randn(1, 3, emb.embedding_dim)
     flat = [i for row in ids for i in row]
-    assert torch.allclose(probe.logits(tokens), tokens @ emb.weight[flat].T)
+    cos = torch.nn.functional.cosine_similarity(tokens[:, :, None], emb.weight[flat][None, None], dim=-1)
+    assert torch.allclose(probe.logits(tokens), TEMPERATURE * cos, atol=1e-5)
+    assert torch.allclose(probe.logits(7 * tokens), probe.logits(tokens), atol=1e-5)  # no gain from norms
     # With orthogonal word vectors, the token "red" + "circle" scores those words highest in its heads.
     wide = torch.nn.Embedding(emb.num_embeddings, 2 * emb.num_embeddings)
     with torch.no_grad():
@@ -165,3 +158,34 @@ def test_tied_read_out_scores_tokens_against_the_class_words() -> None:
         DenseProbe(emb.embedding_dim, emb, [ids[0], ids[1]])
     with pytest.raises(ValueError, match="both"):
         DenseProbe(emb.embedding_dim, emb)
+
+
+def test_key_cells_known_answer_and_every_family_has_its_keys() -> None:
+    scene = {"size": 84, "objects": [], "query": {"key": [[2, 2, 19, 19], [44, 2, 82, 40]]}}
+    assert key_cells(scene, 21).reshape(4, 4).tolist() == [[1, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    for fam in families("image"):
+        for it in dataset("image", "train", 6, families=[fam]):
+            n = int(key_cells(it.scene, CELL).sum())
+            if fam == "exists" and it.answer == "no":
+                assert n == 0
+            else:
+                assert n >= 1, fam
+
+
+def test_relevance_loss_known_answer() -> None:
+    yes, no = 3, 1
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 1, yes] = 2.0  # visual token of cell 0 says yes
+    logits[0, 2, no] = 2.0  # visual token of cell 1 says no
+    cells = torch.tensor([[-1, 0, 1, -1]])  # positions 0 and 3 are text
+    key = torch.tensor([[1, 0]])
+    right = torch.nn.functional.softplus(torch.tensor(-2.0))  # -log sigmoid(2): both tokens right
+    assert torch.allclose(relevance_loss(logits, cells, key, yes, no), right)
+    wrong = torch.nn.functional.softplus(torch.tensor(2.0))
+    assert torch.allclose(relevance_loss(logits, cells, torch.tensor([[0, 1]]), yes, no), wrong)
+    # balanced: one key among three others weighs as much as all three together
+    cells = torch.tensor([[0, 1, 2, 3]])
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, yes] = 2.0
+    got = relevance_loss(logits, cells, torch.tensor([[1, 0, 0, 0]]), yes, no)
+    assert torch.allclose(got, (right + torch.log(torch.tensor(2.0))) / 2)

@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     t.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers making batches (default 0)")
+    t.add_argument("--dense-weight", type=float,
+                   help="weight of the per-visual-token probe loss (the spec's default when omitted; 0: off)")
+    t.add_argument("--curriculum", type=float,
+                   help="share of the steps over which background tokens are phased in (spec default; 0: off)")
     t.set_defaults(run=run_train)
 
     e = actions.add_parser("export", help="export the latest checkpoint of a run (finished or not)")
@@ -89,7 +93,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = None if args.no_export else (args.out or default_out(args.name))
     train(args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
           work_dir=args.work_dir, out=out, resume=args.resume, eval_every=args.eval_every, eval_n=args.eval_n,
-          threads=args.threads, device=args.device, workers=args.workers, log=lambda line: print(line, flush=True))
+          threads=args.threads, device=args.device, workers=args.workers, dense_weight=args.dense_weight,
+          curriculum=args.curriculum, log=lambda line: print(line, flush=True))
     return 0
 
 

@@ -54,7 +54,8 @@ def reduced_inputs(model: Any, batch: dict[str, torch.Tensor], features: torch.T
 
     Returns:
         ``inputs_embeds`` ``[B, L', hidden]``, ``attention_mask``, ``position_ids``, ``labels`` ``[B, L']``,
-        right-padded to the longest kept row.
+        right-padded to the longest kept row, and ``visual_cells`` ``[B, L']`` (the grid cell of each kept
+        visual token, -1 elsewhere; pop it before the forward pass).
 
     Raises:
         ValueError: a row's placeholder count differs from ``N``.
@@ -74,12 +75,17 @@ def reduced_inputs(model: Any, batch: dict[str, torch.Tensor], features: torch.T
     out_m = torch.zeros(ids.shape[0], length, dtype=batch["attention_mask"].dtype, device=ids.device)
     out_p = torch.zeros(ids.shape[0], length, dtype=torch.long, device=ids.device)
     out_l = torch.full((ids.shape[0], length), IGNORE, dtype=labels.dtype, device=ids.device)
+    out_c = torch.full((ids.shape[0], length), -1, dtype=torch.long, device=ids.device)
+    cell_of = torch.full(ids.shape, -1, dtype=torch.long, device=ids.device)
+    cell_of[image] = torch.arange(n, device=ids.device).repeat(ids.shape[0])
     for b, r in enumerate(rows):
         out_e[b, :len(r)] = embeds[b, r]
         out_m[b, :len(r)] = 1
         out_p[b, :len(r)] = r
         out_l[b, :len(r)] = labels[b, r]
-    return {"inputs_embeds": out_e, "attention_mask": out_m, "position_ids": out_p, "labels": out_l}
+        out_c[b, :len(r)] = cell_of[b, r]
+    return {"inputs_embeds": out_e, "attention_mask": out_m, "position_ids": out_p, "labels": out_l,
+            "visual_cells": out_c}
 
 
 def keep_mask(dense_labels: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:

@@ -8,8 +8,11 @@ tokens mean before instruction tuning, we give every visual token a target of it
 projector's output predicts, for the grid cell under that token, the colour and shape of the object there
 (or "none" / "box" / "label") and the label character there. The scene description gives these labels
 exactly, because the image generator lays objects out on the same grid as the model's patches
-(:data:`mmtok.testbed.data.images.CELL`). The probe's loss is added to the answer loss with a weight; the
-probe is dropped at export, so the shipped model is the stock architecture with nothing extra.
+(:data:`mmtok.testbed.data.images.CELL`). A second dense target supervises the other hop a question needs:
+at each visual token, the language model's own next-word logits for "yes" / "no" are trained to say whether
+its cell is one the question is about (the scene's key boxes; :func:`relevance_loss`). Both losses are added
+to the answer loss with a weight; the probe has no weights of its own (it reads out through the tied word
+embeddings), so the shipped model is the stock architecture with nothing extra.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ COLOUR_CLASSES = ("none", *COLOUR_NAMES)
 SHAPE_CLASSES = ("none", *SHAPES, "box", "label")
 CHAR_CLASSES = ("none", *ALPHABET)
 IGNORE = -100
+TEMPERATURE = 10.0  # cosine logits in [-10, 10]: confident enough for a near-zero loss, bounded norms
 
 
 def cell_labels(scene: dict[str, Any], cell: int) -> torch.Tensor:
@@ -76,9 +80,27 @@ def cell_labels(scene: dict[str, Any], cell: int) -> torch.Tensor:
     return out.reshape(g * g, 3)
 
 
+def key_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
+    """``[G * G]`` long: 1 on the cells under the scene's key boxes (``scene["query"]["key"]``), else 0.
+
+    The key boxes are what the question is about (the counted objects, the object in the named quadrant,
+    the two compared objects, the label, the box outline and its content ...); an "is there" question whose
+    answer is "no" has none.
+    """
+    g = scene["size"] // cell
+    out = torch.zeros(g, g, dtype=torch.long)
+    for x0, y0, x1, y1 in scene["query"]["key"]:
+        out[y0 // cell:(y1 - 1) // cell + 1, x0 // cell:(x1 - 1) // cell + 1] = 1
+    return out.reshape(g * g)
+
+
 def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
-    """``[n_images, G * G, 3]`` targets of the image items in ``items`` (other modalities are skipped)."""
-    rows = [cell_labels(it.scene, cell) for it in items if it.modality == "image"]
+    """``[n_images, G * G, 4]`` targets of the image items in ``items`` (other modalities are skipped).
+
+    Columns: colour, shape and character classes (:func:`cell_labels`) and the key flag (:func:`key_cells`).
+    """
+    rows = [torch.cat([cell_labels(it.scene, cell), key_cells(it.scene, cell)[:, None]], 1)
+            for it in items if it.modality == "image"]
     if not rows:
         raise ValueError("batch_labels needs at least one image item")
     return torch.stack(rows)
@@ -90,7 +112,10 @@ class DenseProbe(torch.nn.Module):
     With ``word_embeddings`` the read-out is the language model's own (tied) word embedding matrix: class
     ``k`` of a head scores ``<token, embedding of word k>``, so a red circle's token is pulled toward the
     words "red" and "circle" that the questions use, which is what LLaVA's alignment stage achieves with a
-    pretrained language model. Otherwise a separate linear head (not shipped) is used.
+    pretrained language model. The tied scores are cosine similarities times ``TEMPERATURE``: with raw dot
+    products the loss is lowered fastest by inflating the visual tokens' norms (to ~100x the word
+    embeddings' in a first run), and tokens that large drown everything the language model's layers add to
+    them. Otherwise a separate linear head (not shipped) is used.
     """
 
     def __init__(self, hidden: int, word_embeddings: torch.nn.Embedding | None = None,
@@ -114,14 +139,15 @@ class DenseProbe(torch.nn.Module):
         """``[..., sum(sizes)]`` class logits of ``tokens`` ``[..., hidden]``."""
         if self.head is not None:
             return self.head(tokens)
-        return tokens @ self.words[0].weight[self.ids].T
+        words = torch.nn.functional.normalize(self.words[0].weight[self.ids], dim=-1)
+        return TEMPERATURE * torch.nn.functional.normalize(tokens, dim=-1) @ words.T
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of the three heads' mean cross-entropies.
 
         Args:
             tokens: ``[n_images, N, hidden]`` projected visual tokens.
-            labels: ``[n_images, N, 3]`` targets from :func:`batch_labels`.
+            labels: ``[n_images, N, >= 3]`` targets from :func:`batch_labels` (the first three columns).
 
         Returns:
             Scalar loss.
@@ -135,6 +161,34 @@ class DenseProbe(torch.nn.Module):
         return sum(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., k].reshape(-1),
                                                      ignore_index=IGNORE)
                    for k, lg in enumerate(logits))
+
+
+def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int
+                   ) -> torch.Tensor:
+    """Class-balanced cross-entropy of the language model saying "yes" at the visual tokens the question is about.
+
+    The second supervised hop: with the question before the image, each visual token can read the question
+    in the language model's layers; at its position the model's own next-word logits, restricted to "yes" /
+    "no", are trained to say whether its cell is a key cell. The answer position then only has to attend to
+    tokens the model already marked, instead of discovering both hops from the answer loss alone.
+
+    Args:
+        logits: ``[B, L, V]`` next-word logits (the training loop reads them out after the first layer).
+        visual_cells: ``[B, L]`` long, the grid cell of each visual token, -1 elsewhere.
+        key: ``[B, N]`` the key flags of the cells (column 3 of :func:`batch_labels`).
+        yes_id: token id of "yes".
+        no_id: token id of "no".
+
+    Returns:
+        Scalar: mean over key tokens plus mean over the others, halved (the mean over whichever kind exists
+        when a batch has only one).
+    """
+    rows, cols = (visual_cells >= 0).nonzero(as_tuple=True)
+    target = key[rows, visual_cells[rows, cols]]
+    two = logits[rows, cols][:, [no_id, yes_id]].float()
+    each = torch.nn.functional.cross_entropy(two, target, reduction="none")
+    parts = [each[target == v].mean() for v in (0, 1) if bool((target == v).any())]
+    return sum(parts) / len(parts)
 
 
 def class_word_ids(tokenizer: Any) -> list[list[int]]:
@@ -165,22 +219,3 @@ def projector_of(model: Any) -> torch.nn.Module | None:
     """
     inner = getattr(model, "model", None)
     return getattr(inner, "multi_modal_projector", None)
-
-
-class ProjectorTap:
-    """Context manager: record the projector's output during a forward pass (hook removed on exit)."""
-
-    def __init__(self, projector: torch.nn.Module) -> None:
-        self.projector = projector
-        self.output: torch.Tensor | None = None
-        self._handle: Any = None
-
-    def __enter__(self) -> ProjectorTap:
-        def hook(_module: Any, _args: Any, out: torch.Tensor) -> None:
-            self.output = out
-
-        self._handle = self.projector.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()

@@ -222,7 +222,9 @@ SPECS: dict[str, TestbedSpec] = {
             "tiny": Size(image_size=56, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
                          text_layers=1, text_heads=2, text_kv_heads=1, mlp_ratio=2),
         },
-        train_defaults={"steps": 800, "batch_size": 16, "lr": 1.5e-3, "warmup": 50, "weight_decay": 0.01},
+        # The shipped run: dense probe and easy-first curriculum (mmtok.testbed.dense / .curriculum).
+        train_defaults={"steps": 2400, "batch_size": 32, "lr": 2e-3, "warmup": 100, "weight_decay": 0.01,
+                        "dense_weight": 1.0, "curriculum": 0.4},
     ),
     "testbed-qwen2vl": TestbedSpec(
         name="testbed-qwen2vl",

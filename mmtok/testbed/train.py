@@ -27,10 +27,14 @@ import torch
 from mmtok.testbed.curriculum import background_share, image_features, keep_mask, reduced_inputs
 from mmtok.testbed.data import HELDOUT_SPLIT, chance, dataset, families, item
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
-from mmtok.testbed.dense import DenseProbe, ProjectorTap, batch_labels, class_word_ids, projector_of
+from mmtok.testbed.dense import DenseProbe, batch_labels, class_word_ids, projector_of, relevance_loss
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
 
 ROOT = Path(__file__).resolve().parents[2]
+# The relevance marks are read out after the first language-model layer (through the final norm and the tied
+# head), so that the later layers' attention from the answer position can use them; read out at the last
+# layer, they were learned (every key cell marked) but came too late to be attended to.
+RELEVANCE_LAYER = 1
 FORM = "mixed"
 
 
@@ -211,9 +215,19 @@ def train(
         "batch_size": batch_size or d.get("batch_size", 16), "lr": lr or d.get("lr", 1e-3),
         "warmup": d.get("warmup", 50) if warmup is None else warmup,
         "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
-        "dense_weight": d.get("dense_weight", 0.0) if dense_weight is None else dense_weight,
-        "curriculum": d.get("curriculum", 0.0) if curriculum is None else curriculum,
+        "dense_weight": dense_weight, "curriculum": curriculum,
     }
+    model, processor = spec.build(size, seed)
+    if dense_weight is None or curriculum is None:
+        # The spec's dense/curriculum defaults are for sizes whose patch grid is the scenes' layout grid
+        # (the shipped one); other sizes (the test-sized "tiny") train without them unless asked.
+        vis = getattr(model.config, "vision_config", None)
+        grid = (getattr(vis, "image_size", None), getattr(vis, "patch_size", None))
+        on_grid = projector_of(model) is not None and grid == (IMAGE_SIZE, CELL)
+        if dense_weight is None:
+            settings["dense_weight"] = d.get("dense_weight", 0.0) if on_grid else 0.0
+        if curriculum is None:
+            settings["curriculum"] = d.get("curriculum", 0.0) if on_grid and settings["dense_weight"] > 0 else 0.0
     if settings["curriculum"] > 0 and settings["dense_weight"] <= 0:
         raise ValueError("the curriculum needs the scene's content cells: use it with dense_weight > 0")
     if settings["steps"] < 1 or settings["batch_size"] < 1:
@@ -222,7 +236,6 @@ def train(
         torch.set_num_threads(threads)
     work = Path(work_dir) if work_dir is not None else Path("/tmp") / name
     work.mkdir(parents=True, exist_ok=True)
-    model, processor = spec.build(size, seed)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     projector = projector_of(model) if settings["dense_weight"] > 0 else None
     if settings["dense_weight"] > 0 and projector is None:
@@ -237,6 +250,7 @@ def train(
     if projector is not None:
         probe = DenseProbe(model.config.text_config.hidden_size, model.get_input_embeddings(),
                            class_word_ids(processor.tokenizer)).to(_device(model))
+        yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
     params = [*model.parameters(), *(probe.parameters() if probe is not None else ())]
     opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98), weight_decay=settings["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -268,16 +282,16 @@ def train(
         batch = _to(batch, _device(model))
         labels = batch.pop("dense_labels", None)
         share = background_share(step, settings["steps"], settings["curriculum"])
-        if probe is not None and share < 1.0:
+        if probe is not None:
             feats = image_features(model, batch["pixel_values"])
-            keep = keep_mask(labels, share, torch.Generator().manual_seed(seed * 1_000_003 + step))
-            loss = model(**reduced_inputs(model, batch, feats, keep)).loss
-            dense = probe(feats, labels)
-            (loss + settings["dense_weight"] * dense).backward()
-        elif probe is not None and projector is not None:
-            with ProjectorTap(projector) as tap:
-                loss = model(**batch).loss
-            dense = probe(tap.output, labels)
+            keep = (keep_mask(labels, share, torch.Generator().manual_seed(seed * 1_000_003 + step)) if share < 1
+                    else torch.ones(labels.shape[:2], dtype=torch.bool, device=labels.device))
+            inputs = reduced_inputs(model, batch, feats, keep)
+            cells = inputs.pop("visual_cells")
+            outputs = model(**inputs, output_hidden_states=True)
+            loss = outputs.loss
+            lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
+            dense = probe(feats, labels) + relevance_loss(lens, cells, labels[..., 3], *yes_no)
             (loss + settings["dense_weight"] * dense).backward()
         else:
             dense = None
@@ -365,7 +379,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         f"- {history['seconds'] / 60:.1f} min on {_hardware(model)}, "
         f"final loss {sum(losses[-20:]) / max(1, len(losses[-20:])):.4f} (mean of last 20 steps)",
         f"- reproduce: `mmtok testbed train {spec.name} --steps {settings['steps']} "
-        f"--batch-size {settings['batch_size']} --lr {settings['lr']} --seed {settings['seed']}`"
+        f"--batch-size {settings['batch_size']} --lr {settings['lr']} --seed {settings['seed']} "
+        f"--dense-weight {settings.get('dense_weight', 0.0)} --curriculum {settings.get('curriculum', 0.0)}`"
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
            f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
