@@ -209,3 +209,16 @@ def test_shipped_llava_loads_offline_and_answers():
 # Held-out items the shipped checkpoint answers at full budget (picked from its own answers; at its current
 # accuracy these pin the load + generate path, not image understanding: see assets/testbed-llava/README.md).
 SHIPPED_ITEMS = [("exists", 0), ("largest", 1), ("inside", 3), ("position", 7)]
+
+
+def test_warm_start_takes_the_weights_and_continues_the_data(tmp_path):
+    first = _run(tmp_path / "first", steps=2)
+    warm = _run(tmp_path / "warm", steps=3, until=0, init_from=tmp_path / "first")
+    for (name, a), b in zip(first["model"].state_dict().items(), warm["model"].state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert warm["settings"]["init_from"]["items"] == 2 * 8
+    assert warm["settings"]["init_from"]["step"] == 2
+    done = _run(tmp_path / "warm", steps=3, resume=True, init_from=tmp_path / "first")
+    assert len(done["losses"]) == 3
+    with pytest.raises(FileNotFoundError, match="warm-start"):
+        _run(tmp_path / "cold", init_from=tmp_path / "nowhere")

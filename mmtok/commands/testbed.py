@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", help="export directory (default assets/NAME)")
     t.add_argument("--no-export", action="store_true", help="train and checkpoint only")
     t.add_argument("--resume", action="store_true", help="continue from WORK_DIR/checkpoint.pt")
+    t.add_argument("--init-from", help="warm start from another run's checkpoint.pt or work dir (fresh schedule)")
     t.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     t.add_argument("--eval-n", type=int, default=16, help="held-out items per family in those evaluations")
     t.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -94,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     train(args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
           work_dir=args.work_dir, out=out, resume=args.resume, eval_every=args.eval_every, eval_n=args.eval_n,
           threads=args.threads, device=args.device, workers=args.workers, dense_weight=args.dense_weight,
-          curriculum=args.curriculum, log=lambda line: print(line, flush=True))
+          curriculum=args.curriculum, init_from=args.init_from, log=lambda line: print(line, flush=True))
     return 0
 
 

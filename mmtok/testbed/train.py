@@ -91,8 +91,9 @@ class StepBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int,
-                 dense_cell: int | None = None) -> None:
+                 dense_cell: int | None = None, item_offset: int = 0) -> None:
         self.processor, self.seed, self.start, self.stop, self.dense_cell = processor, seed, start, stop, dense_cell
+        self.item_offset = item_offset
         self.modalities = list(spec.modalities)
         self.per = max(1, batch_size // len(self.modalities))
 
@@ -102,7 +103,8 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         step = self.start + i
         items = [it for m in self.modalities
-                 for it in dataset(m, "train", self.per, self.seed, form=FORM, start=step * self.per)]
+                 for it in dataset(m, "train", self.per, self.seed, form=FORM,
+                                   start=self.item_offset + step * self.per)]
         batch = encode_items(self.processor, items)
         if self.dense_cell is not None:
             batch["dense_labels"] = batch_labels(items, self.dense_cell)
@@ -159,6 +161,7 @@ def train(
     work_dir: str | Path | None = None,
     out: str | Path | None = None,
     resume: bool = False,
+    init_from: str | Path | None = None,
     eval_every: int = 100,
     eval_n: int = 16,
     ckpt_every: int = 50,
@@ -185,6 +188,9 @@ def train(
         work_dir: checkpoints and ``log.jsonl``; ``/tmp/<name>`` when None.
         out: directory to export to at the end (e.g. ``assets/<name>``); no export when None.
         resume: continue from ``work_dir/checkpoint.pt`` (same settings), or start fresh when absent.
+        init_from: warm start: the weights of another run's ``checkpoint.pt`` (or its work dir), with a fresh
+            optimiser and schedule; its data continues after the items that run consumed, so no item is
+            seen twice. Recorded in the settings (and the model card).
         eval_every: steps between held-out evaluations (0: only at the end).
         eval_n: held-out items per family in those evaluations.
         ckpt_every: steps between checkpoints.
@@ -217,6 +223,16 @@ def train(
         "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
         "dense_weight": dense_weight, "curriculum": curriculum,
     }
+    warm = None
+    if init_from is not None:
+        source = Path(init_from)
+        source = source / "checkpoint.pt" if source.is_dir() else source
+        if not source.is_file():
+            raise FileNotFoundError(f"no checkpoint to warm-start from at {source}")
+        warm = torch.load(source, weights_only=False, map_location="cpu")
+        before = warm["settings"].get("init_from") or {"items": 0}
+        settings["init_from"] = {"path": str(source), "step": warm["step"],
+                                 "items": before["items"] + warm["step"] * warm["settings"]["batch_size"]}
     model, processor = spec.build(size, seed)
     if dense_weight is None or curriculum is None:
         # The spec's dense/curriculum defaults are for sizes whose patch grid is the scenes' layout grid
@@ -258,6 +274,9 @@ def train(
     ckpt = work / "checkpoint.pt"
     history: dict[str, Any] = {"losses": [], "evals": [], "seconds": 0.0}
     start_step = 0
+    if warm is not None:
+        model.load_state_dict(warm["model"])
+        log(f"warm start of {name} from step {warm['step']} of {settings['init_from']['path']}")
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False, map_location=_device(model))
         if state["settings"] != settings:
@@ -276,7 +295,8 @@ def train(
     stop = settings["steps"] if until is None else min(until, settings["steps"])
     batches = torch.utils.data.DataLoader(
         StepBatches(spec, processor, settings["batch_size"], seed, start_step, max(start_step, stop),
-                    dense_cell=model.config.vision_config.patch_size if probe is not None else None),
+                    dense_cell=model.config.vision_config.patch_size if probe is not None else None,
+                    item_offset=settings.get("init_from", {"items": 0})["items"]),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
         batch = _to(batch, _device(model))
@@ -381,6 +401,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         f"- reproduce: `mmtok testbed train {spec.name} --steps {settings['steps']} "
         f"--batch-size {settings['batch_size']} --lr {settings['lr']} --seed {settings['seed']} "
         f"--dense-weight {settings.get('dense_weight', 0.0)} --curriculum {settings.get('curriculum', 0.0)}`"
+        + (f", warm-started (`--init-from`) from step {settings['init_from']['step']} of "
+           f"`{settings['init_from']['path']}`" if settings.get("init_from") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
            f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
