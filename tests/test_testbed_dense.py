@@ -17,6 +17,7 @@ from mmtok.testbed.dense import (  # noqa: E402
     SHAPE_CLASSES,
     TEMPERATURE,
     DenseProbe,
+    attention_loss,
     batch_labels,
     cell_labels,
     class_word_ids,
@@ -189,3 +190,24 @@ def test_relevance_loss_known_answer() -> None:
     logits[0, 0, yes] = 2.0
     got = relevance_loss(logits, cells, torch.tensor([[1, 0, 0, 0]]), yes, no)
     assert torch.allclose(got, (right + torch.log(torch.tensor(2.0))) / 2)
+
+
+def test_attention_loss_known_answer() -> None:
+    attn = torch.zeros(1, 2, 5, 5)
+    attn[0, 0, 2] = torch.tensor([0.1, 0.6, 0.2, 0.1, 0.0])  # position 2 predicts the first answer word
+    attn[0, 1, 2] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])  # another head: not supervised by default
+    labels = torch.tensor([[-100, -100, -100, 7, 2]])
+    cells = torch.tensor([[-1, 0, 1, -1, -1]])
+    assert torch.allclose(attention_loss(attn, labels, cells, torch.tensor([[1, 0]])), -torch.log(torch.tensor(0.6)))
+    assert torch.allclose(attention_loss(attn, labels, cells, torch.tensor([[1, 1]])), -torch.log(torch.tensor(0.8)))
+    assert torch.allclose(attention_loss(attn, labels, cells, torch.tensor([[0, 1]]), head=1), torch.tensor(0.0))
+    assert float(attention_loss(attn, labels, cells, torch.tensor([[0, 0]]))) == 0.0  # no key: left out
+
+
+def test_attention_supervision_needs_a_second_layer(tmp_path) -> None:
+    with pytest.raises(ValueError, match="layer"):
+        _run(tmp_path / "one", steps=1, attention_weight=1.0)
+    two = Size(**{**GRID_SIZE.__dict__, "text_layers": 2})
+    run = _run(tmp_path / "two", size=two, steps=2, attention_weight=1.0)
+    assert len(run["losses"]) == 2
+    assert run["model"].config.text_config._attn_implementation == "sdpa"  # back to SDPA after training

@@ -191,6 +191,39 @@ def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.
     return sum(parts) / len(parts)
 
 
+def attention_loss(attn: torch.Tensor, labels: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor,
+                   head: int = 0) -> torch.Tensor:
+    """Negative log of the attention mass one head puts on the key tokens from the answer position.
+
+    The third hop, supervised directly (attention supervision, as in Liu et al., "Attention Correctness in
+    Neural Image Captioning", AAAI 2017, Sec. 3.2): the position that predicts the first answer word should
+    look at the tokens the question is about. Rows without key tokens ("is there ...?" with answer "no") are
+    left out.
+
+    Args:
+        attn: ``[B, H, L, L]`` one layer's attention probabilities.
+        labels: ``[B, L]`` answer labels (``-100`` off the answer); the position before the first answer
+            word is the one supervised.
+        visual_cells: ``[B, L]`` the grid cell of each visual token, -1 elsewhere.
+        key: ``[B, N]`` key flags of the cells.
+        head: the supervised head (the others stay free).
+
+    Returns:
+        Scalar mean over rows with key tokens (0 when no row has any).
+    """
+    losses = []
+    for b in range(attn.shape[0]):
+        answer = (labels[b] != IGNORE).nonzero()
+        vis = visual_cells[b] >= 0
+        on_key = torch.zeros_like(vis)
+        on_key[vis] = key[b, visual_cells[b, vis]] > 0
+        if len(answer) == 0 or not bool(on_key.any()):
+            continue
+        mass = attn[b, head, int(answer[0]) - 1][on_key].sum()
+        losses.append(-torch.log(mass.float().clamp_min(1e-6)))
+    return torch.stack(losses).mean() if losses else attn.new_zeros(())
+
+
 def class_word_ids(tokenizer: Any) -> list[list[int]]:
     """Token ids of the class words of the three heads ("none" is the pad token; "box", "label" are words).
 

@@ -27,7 +27,14 @@ import torch
 from mmtok.testbed.curriculum import background_share, image_features, keep_mask, reduced_inputs
 from mmtok.testbed.data import HELDOUT_SPLIT, chance, dataset, families, item
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
-from mmtok.testbed.dense import DenseProbe, batch_labels, class_word_ids, projector_of, relevance_loss
+from mmtok.testbed.dense import (
+    DenseProbe,
+    attention_loss,
+    batch_labels,
+    class_word_ids,
+    projector_of,
+    relevance_loss,
+)
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # head), so that the later layers' attention from the answer position can use them; read out at the last
 # layer, they were learned (every key cell marked) but came too late to be attended to.
 RELEVANCE_LAYER = 1
+# Attention supervision (dense.attention_loss) on the layer after the marks: its head 0 at the answer position.
+ATTEND_LAYER = 1
 FORM = "mixed"
 
 
@@ -171,6 +180,7 @@ def train(
     workers: int = 0,
     dense_weight: float | None = None,
     curriculum: float | None = None,
+    attention_weight: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -206,6 +216,9 @@ def train(
         curriculum: share of the steps over which background visual tokens are phased in
             (:mod:`mmtok.testbed.curriculum`); the spec's default when None; 0 trains on whole images
             throughout. Needs ``dense_weight > 0``.
+        attention_weight: weight of the attention supervision (:func:`mmtok.testbed.dense.attention_loss`)
+            inside the dense loss; the spec's default when None. Trains with eager attention (the only
+            implementation that returns attention probabilities); the model goes back to SDPA afterwards.
         log: where progress lines go.
 
     Returns:
@@ -222,6 +235,7 @@ def train(
         "warmup": d.get("warmup", 50) if warmup is None else warmup,
         "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
         "dense_weight": dense_weight, "curriculum": curriculum,
+        "attention_weight": attention_weight,
     }
     warm = None
     if init_from is not None:
@@ -244,6 +258,10 @@ def train(
             settings["dense_weight"] = d.get("dense_weight", 0.0) if on_grid else 0.0
         if curriculum is None:
             settings["curriculum"] = d.get("curriculum", 0.0) if on_grid and settings["dense_weight"] > 0 else 0.0
+    if attention_weight is None:
+        settings["attention_weight"] = d.get("attention_weight", 0.0) if settings["dense_weight"] > 0 else 0.0
+    if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
+        raise ValueError("attention supervision needs the key cells of the dense labels: use dense_weight > 0")
     if settings["curriculum"] > 0 and settings["dense_weight"] <= 0:
         raise ValueError("the curriculum needs the scene's content cells: use it with dense_weight > 0")
     if settings["steps"] < 1 or settings["batch_size"] < 1:
@@ -288,6 +306,11 @@ def train(
         sched.load_state_dict(state["sched"])
         history, start_step = state["history"], state["step"]
         log(f"resumed {name} at step {start_step} from {ckpt}")
+    if settings["attention_weight"] > 0:
+        if model.config.text_config.num_hidden_layers <= ATTEND_LAYER:
+            raise ValueError(f"attention supervision reads layer {ATTEND_LAYER}; this language model has "
+                             f"{model.config.text_config.num_hidden_layers} layer(s): use attention_weight=0")
+        model.model.language_model.set_attn_implementation("eager")
     heldout = heldout_items(spec, eval_n, seed) if eval_every or out else []
     logf = (work / "log.jsonl").open("a")
     t0 = time.perf_counter() - history["seconds"]
@@ -308,10 +331,14 @@ def train(
                     else torch.ones(labels.shape[:2], dtype=torch.bool, device=labels.device))
             inputs = reduced_inputs(model, batch, feats, keep)
             cells = inputs.pop("visual_cells")
-            outputs = model(**inputs, output_hidden_states=True)
+            attend = settings["attention_weight"] > 0
+            outputs = model(**inputs, output_hidden_states=True, output_attentions=attend)
             loss = outputs.loss
             lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
             dense = probe(feats, labels) + relevance_loss(lens, cells, labels[..., 3], *yes_no)
+            if attend:
+                dense = dense + settings["attention_weight"] * attention_loss(
+                    outputs.attentions[ATTEND_LAYER], inputs["labels"], cells, labels[..., 3])
             (loss + settings["dense_weight"] * dense).backward()
         else:
             dense = None
@@ -344,6 +371,8 @@ def train(
                          "probe": probe.state_dict() if probe is not None else None,
                          "step": step + 1, "history": history, "settings": settings})
     logf.close()
+    if settings["attention_weight"] > 0:
+        model.model.language_model.set_attn_implementation("sdpa")
     model.eval()
     if out is not None and stop == settings["steps"]:
         if not history["evals"] or history["evals"][-1]["step"] != settings["steps"]:
