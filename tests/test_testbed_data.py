@@ -15,6 +15,8 @@ from mmtok.testbed.data import check as C
 from mmtok.testbed.data.audio import SAMPLE_RATE, render_audio
 from mmtok.testbed.data.images import draw_shape, render_image
 from mmtok.testbed.data.items import SHAPES, fingerprint, split_of, words
+from mmtok.testbed.data.videos import CELL as VIDEO_CELL
+from mmtok.testbed.data.videos import TEMPORAL, VIDEO_FRAMES, VIDEO_SIZE
 
 ALL = [(m, f) for m in D.MODALITIES for f in D.families(m)]
 
@@ -139,7 +141,7 @@ def test_media_formats_and_keys() -> None:
     img = D.item("image", "train", 0)
     assert isinstance(img.media, Image.Image) and img.media.mode == "RGB" and img.media.size == (336, 336)
     vid = D.item("video", "train", 0)
-    assert len(vid.media) == 16 and all(f.size == (224, 224) and f.mode == "RGB" for f in vid.media)
+    assert len(vid.media) == 16 and all(f.size == (336, 336) and f.mode == "RGB" for f in vid.media)
     assert vid.fps == 4.0 and vid.sample_rate is None
     aud = D.item("audio", "train", 0)
     assert aud.media.dtype == np.float32 and aud.media.shape == (3 * SAMPLE_RATE,) and aud.sample_rate == SAMPLE_RATE
@@ -159,6 +161,70 @@ def test_key_objects_are_small_and_spread_out() -> None:
             centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
     xs, ys = np.array(centres).T
     assert xs.min() < 84 and xs.max() > 252 and ys.min() < 84 and ys.max() > 252
+
+
+def test_video_objects_sit_in_whole_cells_and_events_in_whole_temporal_patches() -> None:
+    c = VIDEO_CELL
+    for family in D.families("video"):
+        for it in items("video", family, "train", 25)[:12]:
+            tracks: dict[int, list[tuple[str, tuple[int, ...]] | None]] = {}
+            for t, objs in enumerate(it.scene["frames"]):
+                cells = []
+                for o in objs:
+                    x0, y0, x1, y1 = o["box"]
+                    assert 17 <= x1 - x0 <= c - 4 and x1 - x0 == y1 - y0, (family, o)
+                    # One cell, centred: >= 2 px to its edges, so neighbours keep the 4 px gap.
+                    assert (x0 // c, y0 // c) == ((x1 - 1) // c, (y1 - 1) // c), (family, t, o)
+                    assert x0 % c >= 2 and y0 % c >= 2 and c - (x1 - 1) % c > 2 and c - (y1 - 1) % c > 2
+                    cells.append((x0 // c, y0 // c))
+                    tracks.setdefault(o["id"], [None] * VIDEO_FRAMES)[t] = (o["colour"], tuple(o["box"]))
+                assert len(cells) == len(set(cells)), (family, t)
+            for states in tracks.values():
+                # Same state (visible or not, box, colour) in both frames of each temporal patch: every event
+                # starts on an even frame and lasts whole patches.
+                for p in range(0, VIDEO_FRAMES, TEMPORAL):
+                    assert len(set(states[p:p + TEMPORAL])) == 1, (family, it.index, states)
+                boxes = [s[1] for s in states if s is not None]
+                for a, b in zip(boxes, boxes[1:], strict=False):  # a move is whole cells
+                    assert all((u - v) % c == 0 for u, v in zip(a, b, strict=True)), (family, a, b)
+            key = it.scene["query"]["key"]
+            if family in ("flash_count", "when", "moved", "direction", "change"):
+                runs = np.split(np.array(key), np.flatnonzero(np.diff(key) > 1) + 1)
+                assert all(r[0] % TEMPORAL == 0 and len(r) % TEMPORAL == 0 for r in runs), (family, key)
+            else:
+                assert all(t % TEMPORAL == 0 and t > 0 for t in key), (family, key)
+
+
+def test_video_frames_reach_testbed_qwen2vl_unresampled_one_cell_one_token() -> None:
+    pytest.importorskip("transformers")
+    from mmtok.adapters.qwen2_vl import video_patches
+    from mmtok.testbed.models import CLIP_MEAN, CLIP_STD, SPECS
+
+    size = SPECS["testbed-qwen2vl"].sizes["full"]
+    assert (VIDEO_SIZE, VIDEO_CELL, TEMPORAL) == (size.video_size, size.patch_size * size.merge_size,
+                                                  size.temporal_patch_size)
+    # The video processor settings build_qwen2vl gives the full spec.
+    cfg = {"patch_size": size.patch_size, "temporal_patch_size": size.temporal_patch_size,
+           "merge_size": size.merge_size, "rescale_factor": 1 / 255, "image_mean": list(CLIP_MEAN),
+           "image_std": list(CLIP_STD), "size": {"shortest_edge": size.video_size**2,
+                                                 "longest_edge": size.video_size**2}}
+    it = D.item("video", "train", 0)
+    raw = np.stack([np.asarray(f) for f in it.media])
+    patches, grid = video_patches(raw, cfg)
+    assert grid == [8, 24, 24] and patches.shape[0] // size.merge_size**2 == size.video_tokens(16) == 1152
+    # Undo the patch layout: the pixels are the frames' own, normalised, not resampled.
+    p, tp, m = size.patch_size, size.temporal_patch_size, size.merge_size
+    t, gh, gw = grid
+    back = patches.reshape(t, gh // m, gw // m, m, m, 3, tp, p, p).transpose(0, 6, 1, 3, 7, 2, 4, 8, 5)
+    back = back.reshape(t * tp, gh * p, gw * p, 3)
+    want = (raw / np.float32(255) - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    np.testing.assert_allclose(back, want, atol=1e-5)
+    # So the pixels of merged token (patch q, row i, column j) are exactly cell (i, j) of frames 2q, 2q + 1.
+    tokens = patches.reshape(t, gh // m, gw // m, m * m * 3 * tp * p * p)
+    obj = it.scene["frames"][0][0]
+    i, j = obj["box"][1] // VIDEO_CELL, obj["box"][0] // VIDEO_CELL
+    cell = want[0:2, i * VIDEO_CELL:(i + 1) * VIDEO_CELL, j * VIDEO_CELL:(j + 1) * VIDEO_CELL]
+    np.testing.assert_allclose(np.sort(tokens[0, i, j]), np.sort(cell.ravel()), atol=1e-5)
 
 
 def test_bad_arguments() -> None:

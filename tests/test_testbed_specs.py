@@ -71,7 +71,7 @@ def test_full_sizes_meet_the_token_floors_and_the_weight_caps():
     qwen, qproc = SPECS[QWEN].build("full", seed=0)
     size = SPECS[QWEN].sizes["full"]
     image, video = item("image", "train", 0), item("video", "train", 0)
-    assert len(video.media) == 16 and video.media[0].size == (224, 224)
+    assert len(video.media) == 16 and video.media[0].size == (336, 336)  # the processor keeps 336 px frames
     n_image = media_tokens(qwen, qproc, "image")
     n_video = media_tokens(qwen, qproc, "video")
     assert n_image == size.visual_tokens == 256  # 448 px: 32 x 32 patches, 2 x 2 merge

@@ -4,7 +4,7 @@ Three modalities, each a set of task families whose answers depend on specific r
 
 - ``image``: 336 x 336 RGB, :mod:`~mmtok.testbed.data.images` (count, position, relation, read, odd_one_out,
   inside, largest, exists);
-- ``video``: 16 frames of 224 x 224 RGB at 4 fps, :mod:`~mmtok.testbed.data.videos` (first, last,
+- ``video``: 16 frames of 336 x 336 RGB at 4 fps, :mod:`~mmtok.testbed.data.videos` (first, last,
   flash_count, moved, direction, change, when);
 - ``audio``: 3 s of 16 kHz mono float32, :mod:`~mmtok.testbed.data.audio` (beep_count, higher, longer,
   louder, chirp).

@@ -1,10 +1,17 @@
 """Video task families: short events among static and moving distractors.
 
-A video is ``VIDEO_FRAMES`` RGB frames of ``VIDEO_SIZE`` x ``VIDEO_SIZE`` (16 x 224 x 224 at ``VIDEO_FPS``)
-on a static grey clutter background (see :mod:`mmtok.testbed.data.images`). Events last one or two
-frames or are one to three frames apart, so a compressor that drops the wrong frames loses the answer.
-Within one video every object has its own (colour, shape) pair (in the colour-change family, its own
-shape), objects never overlap in any frame, and the scene lists, per frame, every visible object.
+A video is ``VIDEO_FRAMES`` RGB frames of ``VIDEO_SIZE`` x ``VIDEO_SIZE`` (16 x 336 x 336 at ``VIDEO_FPS``)
+on a static grey clutter background (see :mod:`mmtok.testbed.data.images`), laid out on the merged-token
+grid of the shipped ``testbed-qwen2vl``: its processor keeps 336 px frames as they are (no resampling),
+cuts 14 px patches of ``TEMPORAL`` = 2 frames and merges 2 x 2 of them, so one video token covers a
+``CELL`` = 28 px cell (12 x 12 per frame) of one temporal patch (frames ``2p, 2p + 1``): 8 x 12 x 12 =
+1,152 tokens. An ordinary object (17-23 px) is centred in one cell and keeps a gap of at least 4 px to its
+neighbours; a moving object jumps by whole cells. Every object's state (visible or not, cell, colour) is the
+same in both frames of a temporal patch, so every event (an appearance, a flash, a step of a move, a colour
+change) starts on an even frame and lasts whole temporal patches. Events last one or two temporal patches or
+are one or two apart, so a compressor that drops the wrong tokens loses the answer. Within one video every
+object has its own (colour, shape) pair (in the colour-change family, its own shape), objects never
+overlap in any frame, and the scene lists, per frame, every visible object.
 """
 
 from __future__ import annotations
@@ -28,12 +35,16 @@ from mmtok.testbed.data.items import (
     vocab_of,
 )
 
-VIDEO_SIZE = 224
+VIDEO_SIZE = 336
 VIDEO_FRAMES = 16
 VIDEO_FPS = 4.0
+CELL = 28  # layout grid pitch: one merged token of testbed-qwen2vl (14 px patches, 2 x 2 merge)
+TEMPORAL = 2  # frames per temporal patch of testbed-qwen2vl: events start on even frames
+PATCHES = VIDEO_FRAMES // TEMPORAL
 FLASH_COUNTS = ("1", "2", "3", "4")
 DIRECTIONS = ("left", "right", "up", "down")
-PARTS = {"beginning": (0, 4), "middle": (6, 9), "end": (11, 15)}  # inclusive frame ranges, away from the thirds' edges
+# Inclusive frame ranges, whole temporal patches, one patch away from the thirds' edges (frames 5.3, 10.7).
+PARTS = {"beginning": (0, 3), "middle": (6, 9), "end": (12, 15)}
 
 
 def render_video(scene: dict[str, Any]) -> list[Image.Image]:
@@ -49,16 +60,21 @@ def render_video(scene: dict[str, Any]) -> list[Image.Image]:
     return frames
 
 
+def _patch_frames(patches: set[int] | range) -> set[int]:
+    """The frames of the temporal patches ``patches``."""
+    return {TEMPORAL * p + i for p in patches for i in range(TEMPORAL)}
+
+
 class _Video:
     """Collects object tracks (a box or ``None`` per frame, and a colour per frame) into a scene."""
 
     def __init__(self, rng: np.random.Generator) -> None:
         self.rng = rng
-        self.lay = Layout(rng, VIDEO_SIZE)
+        self.lay = Layout(rng, VIDEO_SIZE, cell=CELL)
         self.tracks: list[tuple[list[str], str, list[list[int] | None]]] = []
 
     def size(self) -> int:
-        return int(self.rng.integers(18, 27))
+        return int(self.rng.integers(17, 24))  # one cell with the layout's 4 px gap: at most CELL - 4
 
     def still(self, name: str, frames: set[int] | None = None) -> list[int]:
         """A static object, visible in ``frames`` (default: all)."""
@@ -68,17 +84,21 @@ class _Video:
                                                             for t in range(VIDEO_FRAMES)]))
         return box
 
-    def mover(self, name: str, dx: int, dy: int, t0: int, steps: int) -> None:
-        """An object that moves by ``(dx, dy)`` over frames ``t0 + 1 .. t0 + steps`` and rests before and after."""
+    def mover(self, name: str, dx: int, dy: int, p0: int, steps: int) -> None:
+        """An object that moves by ``(dx, dy)`` cells over temporal patches ``p0 + 1 .. p0 + steps``.
+
+        It rests before and after, and moves by whole cells from one temporal patch to the next.
+        """
         colour, shape = name.split()
         s = self.size()
-        sweep = self.lay.place(s + abs(dx), s + abs(dy))
-        x0 = sweep[0] + (abs(dx) if dx < 0 else 0)
-        y0 = sweep[1] + (abs(dy) if dy < 0 else 0)
+        # The sweep of a cell-snapped box is centred in the block of cells the object passes over.
+        sweep = self.lay.place(s + CELL * abs(dx), s + CELL * abs(dy))
+        x0 = sweep[0] + (CELL * abs(dx) if dx < 0 else 0)
+        y0 = sweep[1] + (CELL * abs(dy) if dy < 0 else 0)
         boxes: list[list[int] | None] = []
         for t in range(VIDEO_FRAMES):
-            f = min(max((t - t0) / steps, 0.0), 1.0)
-            x, y = x0 + round(f * dx), y0 + round(f * dy)
+            f = min(max((t // TEMPORAL - p0) / steps, 0.0), 1.0)
+            x, y = x0 + CELL * round(f * dx), y0 + CELL * round(f * dy)
             boxes.append([x, y, x + s, y + s])
         self.tracks.append(([colour] * VIDEO_FRAMES, shape, boxes))
 
@@ -101,26 +121,30 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def _flashes(rng: np.random.Generator, k: int, part: tuple[int, int] = (0, VIDEO_FRAMES - 1)) -> set[int]:
-    """Frames of ``k`` flashes of 1-2 frames each, at least two dark frames apart, inside ``part``."""
+    """Frames of ``k`` flashes of 1-2 temporal patches each, at least one dark patch apart, inside ``part``."""
+    lo, hi = part[0] // TEMPORAL, part[1] // TEMPORAL
     lengths = rng.integers(1, 3, size=k)
-    slack = part[1] - part[0] + 1 - int(lengths.sum()) - 2 * (k - 1)
+    slack = hi - lo + 1 - int(lengths.sum()) - (k - 1)
+    while slack < 0 and (lengths > 1).any():  # too long for the part: shorten random flashes to one patch
+        lengths[pick(rng, np.flatnonzero(lengths > 1))] = 1
+        slack += 1
     if slack < 0:
         raise Retry
     extra = rng.multinomial(slack, [1 / (k + 1)] * (k + 1))
-    frames, t = set(), part[0] + int(extra[0])
+    patches, p = set(), lo + int(extra[0])
     for i, n in enumerate(lengths):
-        frames.update(range(t, t + int(n)))
-        t += int(n) + 2 + int(extra[i + 1])
-    return frames
+        patches.update(range(p, p + int(n)))
+        p += int(n) + 1 + int(extra[i + 1])
+    return _patch_frames(patches)
 
 
 def _order(rng: np.random.Generator, last: bool) -> Draft:
     v = _Video(rng)
     k, n_still = int(rng.integers(3, 5)), int(rng.integers(2, 4))
     names = _names(rng, k + n_still)
-    gaps = rng.integers(1, 4, size=k - 1)
-    t1 = int(rng.integers(1, VIDEO_FRAMES - int(gaps.sum())))
-    times = [t1 + int(g) for g in np.concatenate([[0], np.cumsum(gaps)])]
+    gaps = rng.integers(1, 3, size=k - 1)  # in temporal patches
+    p1 = int(rng.integers(1, PATCHES - int(gaps.sum())))
+    times = [TEMPORAL * (p1 + int(g)) for g in np.concatenate([[0], np.cumsum(gaps)])]
     for name, t in zip(names[:k], times, strict=True):
         v.still(name, set(range(t, VIDEO_FRAMES)))
     for name in names[k:]:
@@ -147,7 +171,8 @@ def _flash_count(rng: np.random.Generator) -> Draft:
 
 
 def _displacement(rng: np.random.Generator, direction: str | None = None) -> tuple[int, int]:
-    dist = int(rng.integers(30, 61))
+    """A move of 2-3 cells (56-84 px), in ``direction`` or at a random angle (rounded to whole cells)."""
+    dist = int(rng.integers(2, 4))
     if direction is None:
         angle = rng.uniform(0, 2 * np.pi)
         return round(dist * np.cos(angle)), round(dist * np.sin(angle))
@@ -155,18 +180,24 @@ def _displacement(rng: np.random.Generator, direction: str | None = None) -> tup
 
 
 def _window(rng: np.random.Generator) -> tuple[int, int]:
-    steps = int(rng.integers(2, 5))
-    return int(rng.integers(1, VIDEO_FRAMES - steps - 1)), steps
+    """``(p0, steps)``: a move over 1-2 temporal patches, with at least one patch of rest before and after."""
+    steps = int(rng.integers(1, 3))
+    return int(rng.integers(0, PATCHES - steps - 1)), steps
+
+
+def _move_frames(p0: int, steps: int) -> list[int]:
+    """The frames of the last patch at rest before a move and of the patches it moves over."""
+    return sorted(_patch_frames(range(p0, p0 + steps + 1)))
 
 
 def _moved(rng: np.random.Generator) -> Draft:
     v = _Video(rng)
     names = _names(rng, 1 + int(rng.integers(3, 6)))
-    t0, steps = _window(rng)
-    v.mover(names[0], *_displacement(rng), t0, steps)
+    p0, steps = _window(rng)
+    v.mover(names[0], *_displacement(rng), p0, steps)
     for name in names[1:]:
         v.still(name)
-    query = {"key": list(range(t0, t0 + steps + 1))}
+    query = {"key": _move_frames(p0, steps)}
     return Draft(v.scene(query), "which object moved ?", names[0], mc_choices(rng, names[0], COMBOS, hard=names))
 
 
@@ -174,13 +205,13 @@ def _direction(rng: np.random.Generator) -> Draft:
     v = _Video(rng)
     names = _names(rng, 2 + int(rng.integers(2, 5)))
     direction = pick(rng, DIRECTIONS)
-    t0, steps = _window(rng)
-    v.mover(names[0], *_displacement(rng, direction), t0, steps)
+    p0, steps = _window(rng)
+    v.mover(names[0], *_displacement(rng, direction), p0, steps)
     other = pick(rng, [d for d in DIRECTIONS if d != direction])
     v.mover(names[1], *_displacement(rng, other), *_window(rng))
     for name in names[2:]:
         v.still(name)
-    query = {"key": list(range(t0, t0 + steps + 1))}
+    query = {"key": _move_frames(p0, steps)}
     return Draft(v.scene(query), f"which way did the {names[0]} move ?", direction,
                  mc_choices(rng, direction, DIRECTIONS))
 
@@ -190,12 +221,12 @@ def _change(rng: np.random.Generator) -> Draft:
     shapes = [SHAPES[int(i)] for i in rng.choice(len(SHAPES), size=int(rng.integers(3, 6)), replace=False)]
     for shape in shapes:
         v.still(f"{pick(rng, COLOUR_NAMES)} {shape}")
-    t = int(rng.integers(3, 13))
+    t = TEMPORAL * int(rng.integers(2, 7))  # the first frame of the new colour: 4-12, a temporal patch's start
     colours = v.tracks[0][0]
     new = pick(rng, [c for c in COLOUR_NAMES if c != colours[0]])
     colours[t:] = [new] * (VIDEO_FRAMES - t)
     answer = shapes[0]
-    return Draft(v.scene({"key": [t - 1, t]}), "which shape changed colour ?", answer,
+    return Draft(v.scene({"key": list(range(t - TEMPORAL, t + TEMPORAL))}), "which shape changed colour ?", answer,
                  mc_choices(rng, answer, SHAPES, hard=shapes))
 
 
@@ -224,9 +255,9 @@ FAMILIES: tuple[Family, ...] = (
             ("which object appeared first ?",), COMBOS),
     _family("last", lambda rng: _order(rng, last=True), "which object appeared last", 1 / len(COMBOS), 4,
             ("which object appeared last ?",), COMBOS),
-    _family("flash_count", _flash_count, "how many times an object flashed (1-2 frame flashes)",
+    _family("flash_count", _flash_count, "how many times an object flashed (flashes of 1-2 temporal patches)",
             1 / len(FLASH_COUNTS), 4, ("how many times did the {colour} {shape} flash ?",), FLASH_COUNTS),
-    _family("moved", _moved, "which object moved (during 2-4 frames)", 1 / len(COMBOS), 4,
+    _family("moved", _moved, "which object moved (by whole cells, over 1-2 temporal patches)", 1 / len(COMBOS), 4,
             ("which object moved ?",), COMBOS),
     _family("direction", _direction, "which way a named object moved", 1 / len(DIRECTIONS), 4,
             ("which way did the {colour} {shape} move ?",), DIRECTIONS),
