@@ -44,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers making batches (default 0)")
     t.add_argument("--dense-weight", type=float,
                    help="weight of the per-visual-token probe loss (the spec's default when omitted; 0: off)")
+    t.add_argument("--warmup", type=int, help="linear warm-up steps (the spec's default when omitted)")
+    t.add_argument("--attention-weight", type=float,
+                   help="weight of the attention supervision (the spec's default when omitted; 0: off)")
     t.add_argument("--curriculum", type=float,
                    help="share of the steps over which background tokens are phased in (spec default; 0: off)")
     t.set_defaults(run=run_train)
@@ -95,7 +98,8 @@ def run_train(args: argparse.Namespace) -> int:
     train(args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
           work_dir=args.work_dir, out=out, resume=args.resume, eval_every=args.eval_every, eval_n=args.eval_n,
           threads=args.threads, device=args.device, workers=args.workers, dense_weight=args.dense_weight,
-          curriculum=args.curriculum, init_from=args.init_from, log=lambda line: print(line, flush=True))
+          curriculum=args.curriculum, init_from=args.init_from, warmup=args.warmup,
+          attention_weight=args.attention_weight, log=lambda line: print(line, flush=True))
     return 0
 
 

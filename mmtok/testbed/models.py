@@ -224,7 +224,7 @@ SPECS: dict[str, TestbedSpec] = {
         },
         # The shipped run: dense probe and easy-first curriculum (mmtok.testbed.dense / .curriculum).
         train_defaults={"steps": 2400, "batch_size": 32, "lr": 2e-3, "warmup": 100, "weight_decay": 0.01,
-                        "dense_weight": 1.0, "curriculum": 0.4},
+                        "dense_weight": 1.0, "curriculum": 0.4, "attention_weight": 1.0},
     ),
     "testbed-qwen2vl": TestbedSpec(
         name="testbed-qwen2vl",

@@ -429,7 +429,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         f"final loss {sum(losses[-20:]) / max(1, len(losses[-20:])):.4f} (mean of last 20 steps)",
         f"- reproduce: `mmtok testbed train {spec.name} --steps {settings['steps']} "
         f"--batch-size {settings['batch_size']} --lr {settings['lr']} --seed {settings['seed']} "
-        f"--dense-weight {settings.get('dense_weight', 0.0)} --curriculum {settings.get('curriculum', 0.0)}`"
+        f"--warmup {settings['warmup']} --dense-weight {settings.get('dense_weight', 0.0)} "
+        f"--curriculum {settings.get('curriculum', 0.0)} --attention-weight {settings.get('attention_weight', 0.0)}`"
         + (f", warm-started (`--init-from`) from step {settings['init_from']['step']} of "
            f"`{settings['init_from']['path']}`" if settings.get("init_from") else "")
         + ("" if len(losses) >= settings["steps"] else
