@@ -85,7 +85,7 @@ def test_reduced_inputs_match_the_stock_forward(grid_batch) -> None:
 def test_curriculum_training_resumes_exactly(tmp_path) -> None:
     torch.set_num_threads(1)
     args = dict(size=GRID, steps=4, batch_size=4, lr=5e-3, warmup=0, seed=0, eval_every=0, dense_weight=0.5,
-                curriculum=0.5, log=lambda s: None)
+                attention_weight=0.0, curriculum=0.5, log=lambda s: None)
     full = train("testbed-llava", work_dir=tmp_path / "full", **args)
     train("testbed-llava", work_dir=tmp_path / "part", until=1, **args)
     rest = train("testbed-llava", work_dir=tmp_path / "part", resume=True, **args)

@@ -114,7 +114,7 @@ GRID_SIZE = Size(image_size=IMAGE_SIZE, patch_size=CELL, vision_hidden=16, visio
 
 def _run(tmp, **kw):
     args = dict(size=GRID_SIZE, steps=3, batch_size=4, lr=5e-3, warmup=0, seed=0, work_dir=tmp, eval_every=0,
-                dense_weight=0.5, log=lambda s: None)
+                dense_weight=0.5, attention_weight=0.0, log=lambda s: None)
     args.update(kw)
     return train("testbed-llava", **args)
 
