@@ -16,14 +16,15 @@ no class is patched. For the call only, hooks sit on the decoder stack (``model.
   (Qwen2-VL's M-RoPE ids too), so kept tokens keep their original positions, as in the stock model.
 
 Decoding steps attend, at every layer, to the kept prompt tokens and the generated ones. The hooks are
-removed in ``finally``, also when ``generate()`` fails.
+removed in ``finally``, also when ``generate()`` fails. The checks and the schedule live in
+:mod:`mmtok.adapters.llm_plan`, the per-layer tensor work (attention rows, the shortened sequence,
+the KV-cache cut) in :mod:`mmtok.adapters.llm_layers`; this module holds the entry point and the hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -32,14 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmtok.adapters.llm_layers import attention_rows, left_padded_index, shortened_kwargs, trim_kv_cache
+from mmtok.adapters.llm_plan import DEFAULT_LAYER, SIGNALS, check_call, check_masks, row_counts, schedule
 from mmtok.compressors.base import Compressor
 from mmtok.core import VisualTokens
-from mmtok.core.budget import BudgetLike, as_budget, count_for
+from mmtok.core.budget import BudgetLike
 
-DEFAULT_LAYER = 2
-# Signals this stage can give a compressor (besides features and sizes).
-SIGNALS = frozenset({"features", "mask", "sizes", "metric", "text", "keys", "text_attn", "text_attn_all"})
-_UNSUPPORTED_GENERATE = ("input_ids", "inputs_embeds", "past_key_values", "attention_mask", "position_ids")
+__all__ = ["DEFAULT_LAYER", "SIGNALS", "generate_with_llm_pruning"]
 
 
 def generate_with_llm_pruning(
@@ -113,80 +113,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _mask(name: str, m: object, shape: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(m, torch.Tensor) or tuple(m.shape) != shape:
-        got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-        raise ValueError(f"{name} must be a [B, L] = {list(shape)} tensor, got {got}")
-    return m.bool()
-
-
-def _row_counts(budget: object, n: list[int]) -> list[int]:
-    per_row = list(budget) if isinstance(budget, (list, tuple)) else [budget] * len(n)
-    if len(per_row) != len(n):
-        raise ValueError(f"got {len(per_row)} budgets for {len(n)} rows; pass one budget or one per row")
-    counts = []
-    for b, (bud, nb) in enumerate(zip(per_row, n, strict=True)):
-        bud = as_budget(bud)
-        if bud.per != "item":
-            raise ValueError(f"the llm stage takes per-item budgets, got Budget(per={bud.per!r}) for row {b}")
-        counts.append(0 if nb == 0 else count_for(bud.value, nb, f"row {b}'s visual tokens"))
-    return counts
-
-
-def _check_call(model: nn.Module, compressor: Compressor, gen: dict[str, Any]) -> nn.Module:
-    """Validate the compressor, model and generate options; return the decoder stack."""
-    if not isinstance(compressor, Compressor):
-        raise TypeError(f"compressor must be an mmtok Compressor, got {type(compressor).__name__}")
-    name = compressor.name
-    if "llm" not in compressor.stages:
-        raise ValueError(f"compressor {name!r} cannot run inside the LLM; its stages: {list(compressor.stages)}")
-    if missing := sorted(set(compressor.requires) - SIGNALS):
-        raise ValueError(f"compressor {name!r} needs {missing}; the llm stage provides {sorted(SIGNALS)}")
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(hasattr(m, "self_attn") for m in layers):
-        raise ValueError(f"{type(model).__name__} has no decoder-only stack (model.get_decoder().layers)")
-    types = set(getattr(decoder.config, "layer_types", None) or ["full_attention"])
-    if types != {"full_attention"}:
-        raise ValueError(f"the llm stage supports full-attention layers only, this model has {sorted(types)}")
-    if bad := sorted(set(gen) & set(_UNSUPPORTED_GENERATE)):
-        raise ValueError(f"pass {bad} as named arguments of generate_with_llm_pruning, not generate kwargs")
-    gc = gen.get("generation_config") or getattr(model, "generation_config", None)
-    for key in ("num_beams", "num_return_sequences"):
-        if int(gen.get(key, getattr(gc, key, 1) or 1)) != 1:
-            raise ValueError(f"the llm stage supports {key}=1 only (one sequence per row, no beam search)")
-    if gen.get("use_cache", True) is False:
-        raise ValueError("the llm stage needs use_cache=True: it prunes the KV cache")
-    return decoder
-
-
-def _schedule(compressor: Compressor, layer: int | None, depth: int, n: list[int],
-              k: list[int]) -> list[tuple[int, int, list[int]]]:
-    """``[(attention layer, drop layer, per-row counts), ...]``, validated (0 for rows without visual)."""
-    name, scheduled = compressor.name, hasattr(compressor, "llm_schedule")
-    if scheduled and layer is not None:
-        raise ValueError(f"compressor {name!r} chooses its own layers; set its options, not layer=")
-    layer = DEFAULT_LAYER if layer is None else layer
-    if not scheduled and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth):
-        raise ValueError(f"layer must be an int in [0, {depth - 1}] for this {depth}-layer model, not {layer!r}")
-    plans = {b: compressor.llm_schedule(nb, kb, depth) if scheduled else [(layer, layer, kb)]
-             for b, (nb, kb) in enumerate(zip(n, k, strict=True)) if nb}
-    if not plans:
-        return []
-    shapes = {tuple((a, d) for a, d, _ in p) for p in plans.values()}
-    pairs, prev = next(iter(shapes)), -1
-    for a, d in pairs:
-        if len(shapes) != 1 or not (max(prev, 0) <= a <= d < depth) or d == prev:
-            raise ValueError(f"compressor {name!r}: invalid llm schedule {sorted(shapes)} for {depth} layers")
-        prev = d
-    for b, p in plans.items():
-        c = [x for *_, x in p]
-        if c[-1] != k[b] or min(c) < 1 or max(c) > n[b] or c != sorted(c, reverse=True):
-            raise ValueError(f"compressor {name!r}: counts {c} for row {b} ({n[b]} visual, budget {k[b]})")
-    rows = range(len(n))
-    return [(a, d, [plans[b][s][2] if b in plans else 0 for b in rows]) for s, (a, d) in enumerate(pairs)]
-
-
 class _Run:
     """The state of one call: schedule, the current (shortened) sequence, and the hooks."""
 
@@ -210,24 +136,10 @@ class _Run:
                 visual_mask: torch.Tensor, text_mask: torch.Tensor | None, compressor: Compressor,
                 budget: object, layer: int | None, gen: dict[str, Any]) -> _Run:
         """Validate everything and resolve the schedule, before anything runs."""
-        decoder = _check_call(model, compressor, gen)
-        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or not torch.is_floating_point(embeds):
-            raise ValueError("inputs_embeds must be a float [B, L, D] tensor")
-        shape, dev = tuple(embeds.shape[:2]), embeds.device
-        valid = torch.ones(shape, dtype=torch.bool, device=dev) if attention_mask is None else \
-            _mask("attention_mask", attention_mask, shape).to(dev)
-        vis = _mask("visual_mask", visual_mask, shape).to(dev)
-        if not bool(valid[:, -1].all()) or bool(vis[:, -1].any()):
-            raise ValueError("each row's last position must be a real, non-visual prompt token (left padding)")
-        if bool((vis & ~valid).any()):
-            raise ValueError("visual_mask marks padding positions")
-        txt = valid & ~vis if text_mask is None else _mask("text_mask", text_mask, shape).to(dev)
-        if bool((txt & ~(valid & ~vis)).any()):
-            raise ValueError("text_mask must mark real, non-visual tokens only")
-        if {"text", "text_attn_all"} & compressor.requires and not bool(txt.any(1).all()):
-            raise ValueError(f"compressor {compressor.name!r} needs text, and a row of text_mask is empty")
+        decoder = check_call(model, compressor, gen)
+        valid, vis, txt = check_masks(embeds, attention_mask, visual_mask, text_mask, compressor)
         n = vis.sum(1).tolist()
-        stages = _schedule(compressor, layer, len(decoder.layers), n, _row_counts(budget, n))
+        stages = schedule(compressor, layer, len(decoder.layers), n, row_counts(budget, n))
         return cls(decoder, compressor, stages, valid, vis, txt, n)
 
     @contextlib.contextmanager
@@ -274,7 +186,7 @@ class _Run:
     def _stack_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.phase != "prefill":
             return
-        self._trim_cache()
+        self.kv_length = trim_kv_cache(self.cache, self.drops, self.mask, self.length)
         self.phase = "decode"
         _sync(self.mask.device)
         self.times["t1"] = time.perf_counter()
@@ -327,7 +239,7 @@ class _Run:
             t_max = int(self.txt.sum(1).max())
             order = torch.argsort((~self.txt).to(torch.int8), dim=1, stable=True)[:, :t_max]
             last = torch.cat([last, order], dim=1)
-        probs = _attention_rows(attn, x, keys, kwargs["position_embeddings"], last, self.mask)
+        probs = attention_rows(attn, x, keys, kwargs["position_embeddings"], last, self.mask)
         if "text_attn" in need:
             out["text_attn"] = probs[:, 0]
         if "text_attn_all" in need:
@@ -354,12 +266,8 @@ class _Run:
         if not changed:
             self._record(s)
             return h, kwargs
-        new_len = max(r.numel() for r in rows)
-        g = torch.zeros(bsz, new_len, dtype=torch.long, device=h.device)
-        mask = torch.zeros(bsz, new_len, dtype=torch.bool, device=h.device)
-        for b, r in enumerate(rows):
-            g[b, new_len - r.numel():], g[b, : new_len - r.numel()] = r, r[0]
-            mask[b, new_len - r.numel():] = True
+        g, mask = left_padded_index(rows, h.device)
+        new_len = g.shape[1]
         h_new = h.gather(1, g[..., None].expand(-1, -1, dim))
         self.sizes = torch.where(mask, self.sizes.gather(1, g), torch.ones_like(mask, dtype=torch.float32))
         for b, (keep, feats, sizes) in merges.items():
@@ -370,7 +278,7 @@ class _Run:
         self.vis, self.txt = self.vis.gather(1, g) & mask, self.txt.gather(1, g) & mask
         self.orig, self.mask = self.orig.gather(1, g), mask
         self.drops.append((self.stages[s][1], g))
-        self.overrides = _shortened_kwargs(self.decoder.config, kwargs, h_new, g, mask)
+        self.overrides = shortened_kwargs(self.decoder.config, kwargs, h_new, g, mask)
         self._record(s)
         return h_new, {**kwargs, **self.overrides}
 
@@ -388,29 +296,6 @@ class _Run:
         return VisualTokens(h[b, vis][None], sizes=self.sizes[b, vis][None],
                             text=h[b, txt][None] if txt.numel() else None, signals=signals)
 
-    def _trim_cache(self) -> None:
-        """Cut every layer's KV cache to the final kept positions (one length for all layers)."""
-        final = self.mask.shape[1]
-        maps = [torch.arange(final, device=self.mask.device).expand(self.mask.shape[0], -1)]
-        for _, g in reversed(self.drops):
-            maps.insert(0, g.gather(1, maps[0].to(g.device)))
-        bounds = [d for d, _ in self.drops]
-        lengths = [self.length] + [g.shape[1] for _, g in self.drops]
-        for i, cache_layer in enumerate(self.cache.layers):
-            s = sum(d <= i for d in bounds)
-            idx = maps[s]
-            keys, values = getattr(cache_layer, "keys", None), getattr(cache_layer, "values", None)
-            if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) \
-                    or keys.shape[-2] != lengths[s]:
-                raise ValueError(f"the llm stage needs a DynamicCache of every prompt token; cache layer {i} "
-                                 f"is a {type(cache_layer).__name__} of {getattr(keys, 'shape', None)}")
-            if s == len(self.drops):
-                continue
-            gi = idx.to(keys.device)[:, None, :, None]
-            cache_layer.keys = keys.gather(2, gi.expand(-1, keys.shape[1], -1, keys.shape[-1]))
-            cache_layer.values = values.gather(2, gi.expand(-1, values.shape[1], -1, values.shape[-1]))
-        self.kv_length = self.cache.get_seq_length()
-
     def info(self, start: float, end: float) -> dict[str, Any]:
         """The per-call report (see :func:`generate_with_llm_pruning`)."""
         kept_pos = [self.orig[b][self.vis[b]] for b in range(self.vis.shape[0])]
@@ -424,55 +309,3 @@ class _Run:
                 "timings": {"prefill": self.times["prefill"], "compress": self.times["compress"],
                             "decode": decode, "total": end - start}}
 
-
-def _attention_rows(
-    attn: nn.Module,
-    x: torch.Tensor,
-    keys: torch.Tensor,
-    pos: tuple[torch.Tensor, ...],
-    queries: torch.Tensor,
-    valid: torch.Tensor,
-) -> torch.Tensor:
-    """``[B, Q, L]`` float32 softmax attention of the ``[B, Q]`` query slots, causal, averaged over heads.
-
-    ``x`` is the layer's normalised input ``[B, L, D]``, ``keys`` its pre-RoPE keys ``[B, L, Hkv, d]``,
-    ``pos`` its ``(cos, sin)`` (``[B or 1, L, d]``), ``valid`` ``[B, L]`` the real tokens; the module's own
-    ``q_proj``, ``q_norm``, ``apply_rotary_pos_emb`` and ``scaling`` are used, as its forward does.
-    """
-    rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-    if rope is None:
-        raise ValueError(f"{type(attn).__name__}: no apply_rotary_pos_emb in its module; unsupported")
-    b, length, dim = x.shape
-    q_len, hd = queries.shape[1], keys.shape[-1]
-    cos, sin = (t.expand(b, *t.shape[1:]) for t in pos)
-    q = attn.q_proj(x.gather(1, queries[..., None].expand(-1, -1, dim))).view(b, q_len, -1, hd)
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q)
-    at = queries[..., None].expand(-1, -1, cos.shape[-1])
-    q = rope(q.transpose(1, 2), q.transpose(1, 2), cos.gather(1, at), sin.gather(1, at))[0]
-    k = rope(keys.transpose(1, 2), keys.transpose(1, 2), cos, sin)[0]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scale = float(getattr(attn, "scaling", hd**-0.5))
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    slots = torch.arange(length, device=x.device)
-    allowed = valid[:, None, None, :] & (slots[None, None, None, :] <= queries[:, None, :, None])
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(1)
-
-
-def _shortened_kwargs(
-    config: Any, kwargs: dict, h: torch.Tensor, g: torch.Tensor, mask: torch.Tensor
-) -> dict[str, Any]:
-    """The layer kwargs for the shortened sequence: causal mask, gathered positions and rotary tables."""
-    from transformers.masking_utils import create_causal_mask
-
-    b = g.shape[0]
-    cos, sin = kwargs["position_embeddings"]
-    gathered = tuple(t.expand(b, *t.shape[1:]).gather(1, g[..., None].expand(-1, -1, t.shape[-1]))
-                     for t in (cos, sin))
-    pid = kwargs.get("position_ids")
-    if isinstance(pid, torch.Tensor) and pid.dim() in (2, 3):
-        lead = pid.shape[:-2]
-        pid = pid.expand(*lead, b, pid.shape[-1]).gather(-1, g.expand(*lead, *g.shape))
-    causal = create_causal_mask(config=config, inputs_embeds=h, attention_mask=mask, past_key_values=None,
-                                position_ids=None)
-    return {"attention_mask": causal, "position_embeddings": gathered, "position_ids": pid}
