@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,14 +19,6 @@ BUDGETS = (1.0, 0.5, 0.25, 0.1, 0.05)
 KEPT_OF_16 = {1.0: 16, 0.5: 8, 0.25: 4, 0.1: 2, 0.05: 1}
 METHODS = ["random", "divprune", "tome", "dymu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

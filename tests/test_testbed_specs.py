@@ -20,14 +20,6 @@ QWEN, AUDIO = "testbed-qwen2vl", "testbed-audio"
 MB = 1_000_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny_qwen():
     return get_spec(QWEN).build("tiny", seed=0)
