@@ -96,14 +96,19 @@ def test_labels_of_generated_items_match_their_objects() -> None:
 
 def test_probe_loss_is_the_three_cross_entropies() -> None:
     torch.manual_seed(0)
-    probe = DenseProbe(8)
+    emb = torch.nn.Embedding(60, 8)
+    bounds = torch.tensor([0, len(COLOUR_CLASSES), len(SHAPE_CLASSES), len(CHAR_CLASSES)]).cumsum(0).tolist()
+    ids = [list(range(lo, hi)) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    probe = DenseProbe(emb, ids)
+    assert tuple(len(i) for i in ids) == probe.sizes
     tokens = torch.randn(2, 5, 8)
     labels = torch.stack([torch.randint(0, n, (2, 5)) for n in probe.sizes], -1)
-    logits = probe.head(tokens)
+    logits = TEMPERATURE * torch.nn.functional.cosine_similarity(tokens[:, :, None], emb.weight[:bounds[-1]][None, None],
+                                                                 dim=-1)
     a, b = probe.sizes[0], probe.sizes[0] + probe.sizes[1]
     want = sum(torch.nn.functional.cross_entropy(lg.reshape(10, -1), labels[..., k].reshape(10))
                for k, lg in enumerate((logits[..., :a], logits[..., a:b], logits[..., b:])))
-    assert torch.allclose(probe(tokens, labels), want)
+    assert torch.allclose(probe(tokens, labels), want, atol=1e-5)
     with pytest.raises(ValueError, match="labels"):
         probe(tokens, labels[:, :4])
 
@@ -141,7 +146,7 @@ def test_tied_read_out_scores_tokens_against_the_class_words() -> None:
     assert tok.convert_ids_to_tokens(ids[1])[-2:] == ["box", "label"]
     assert tok.convert_ids_to_tokens(ids[2])[1:] == list(CHAR_CLASSES[1:])
     emb = model.get_input_embeddings()
-    probe = DenseProbe(emb.embedding_dim, emb, ids)
+    probe = DenseProbe(emb, ids)
     assert not list(probe.parameters())  # nothing to ship or drop: the read-out is the model's embedding
     tokens = torch.randn(1, 3, emb.embedding_dim)
     flat = [i for row in ids for i in row]
@@ -153,12 +158,10 @@ def test_tied_read_out_scores_tokens_against_the_class_words() -> None:
     with torch.no_grad():
         wide.weight.copy_(torch.eye(emb.num_embeddings, 2 * emb.num_embeddings) * 5)
     one = wide.weight[tok.convert_tokens_to_ids("red")] + wide.weight[tok.convert_tokens_to_ids("circle")]
-    colour, shape, _ = DenseProbe(wide.embedding_dim, wide, ids).logits(one).split(probe.sizes)
+    colour, shape, _ = DenseProbe(wide, ids).logits(one).split(probe.sizes)
     assert COLOUR_CLASSES[int(colour.argmax())] == "red" and SHAPE_CLASSES[int(shape.argmax())] == "circle"
     with pytest.raises(ValueError, match="word_ids"):
-        DenseProbe(emb.embedding_dim, emb, [ids[0], ids[1]])
-    with pytest.raises(ValueError, match="both"):
-        DenseProbe(emb.embedding_dim, emb)
+        DenseProbe(emb, [ids[0], ids[1]])
 
 
 def test_key_cells_known_answer_and_every_family_has_its_keys() -> None:

@@ -109,36 +109,26 @@ def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
 class DenseProbe(torch.nn.Module):
     """A linear read-out of each projected visual token: colour, shape and character logits of its cell.
 
-    With ``word_embeddings`` the read-out is the language model's own (tied) word embedding matrix: class
-    ``k`` of a head scores ``<token, embedding of word k>``, so a red circle's token is pulled toward the
-    words "red" and "circle" that the questions use, which is what LLaVA's alignment stage achieves with a
-    pretrained language model. The tied scores are cosine similarities times ``TEMPERATURE``: with raw dot
-    products the loss is lowered fastest by inflating the visual tokens' norms (to ~100x the word
-    embeddings' in a first run), and tokens that large drown everything the language model's layers add to
-    them. Otherwise a separate linear head (not shipped) is used.
+    The read-out is the language model's own (tied) word embedding matrix: class ``k`` of a head scores
+    the token against the embedding of word ``k``, so a red circle's token is pulled toward the words "red"
+    and "circle" that the questions use, which is what LLaVA's alignment stage achieves with a pretrained
+    language model. The scores are cosine similarities times ``TEMPERATURE``: with raw dot products the loss
+    is lowered fastest by inflating the visual tokens' norms (to ~100x the word embeddings' in a first run),
+    and tokens that large drown everything the language model's layers add to them. The probe has no
+    weights of its own.
     """
 
-    def __init__(self, hidden: int, word_embeddings: torch.nn.Embedding | None = None,
-                 word_ids: Sequence[Sequence[int]] | None = None) -> None:
+    def __init__(self, word_embeddings: torch.nn.Embedding, word_ids: Sequence[Sequence[int]]) -> None:
         super().__init__()
         self.sizes = (len(COLOUR_CLASSES), len(SHAPE_CLASSES), len(CHAR_CLASSES))
-        if (word_embeddings is None) != (word_ids is None):
-            raise ValueError("pass both word_embeddings and word_ids (one id list per head), or neither")
-        if word_ids is not None:
-            if tuple(len(ids) for ids in word_ids) != self.sizes:
-                raise ValueError(f"word_ids must list {self.sizes} ids for the three heads, "
-                                 f"got {tuple(len(ids) for ids in word_ids)}")
-            self.register_buffer("ids", torch.tensor([i for ids in word_ids for i in ids]), persistent=False)
-            self.words = [word_embeddings]  # a list: not registered, so its weight is the model's, not ours
-            self.head = None
-        else:
-            self.words = []
-            self.head = torch.nn.Linear(hidden, sum(self.sizes))
+        if tuple(len(ids) for ids in word_ids) != self.sizes:
+            raise ValueError(f"word_ids must list {self.sizes} ids for the three heads, "
+                             f"got {tuple(len(ids) for ids in word_ids)}")
+        self.register_buffer("ids", torch.tensor([i for ids in word_ids for i in ids]), persistent=False)
+        self.words = [word_embeddings]  # a list: not registered, so its weight is the model's, not ours
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[..., sum(sizes)]`` class logits of ``tokens`` ``[..., hidden]``."""
-        if self.head is not None:
-            return self.head(tokens)
         words = torch.nn.functional.normalize(self.words[0].weight[self.ids], dim=-1)
         return TEMPERATURE * torch.nn.functional.normalize(tokens, dim=-1) @ words.T
 

@@ -282,10 +282,9 @@ def train(
                              f"{vis.patch_size} px patches; use dense_weight=0 for this size")
     probe = None
     if projector is not None:
-        probe = DenseProbe(model.config.text_config.hidden_size, model.get_input_embeddings(),
-                           class_word_ids(processor.tokenizer)).to(_device(model))
+        probe = DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer)).to(_device(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
-    params = [*model.parameters(), *(probe.parameters() if probe is not None else ())]
+    params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98), weight_decay=settings["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, settings["steps"], settings["warmup"]))
@@ -300,8 +299,6 @@ def train(
         if state["settings"] != settings:
             raise ValueError(f"checkpoint {ckpt} was made with {state['settings']}, not {settings}")
         model.load_state_dict(state["model"])
-        if probe is not None:
-            probe.load_state_dict(state["probe"])  # empty for the tied read-out; kept for a separate head
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         history, start_step = state["history"], state["step"]
@@ -368,7 +365,6 @@ def train(
             log(json.dumps(rec))
         if (step + 1) % ckpt_every == 0 or last or step + 1 == stop:
             _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "probe": probe.state_dict() if probe is not None else None,
                          "step": step + 1, "history": history, "settings": settings})
     logf.close()
     if settings["attention_weight"] > 0:
