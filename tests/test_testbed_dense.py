@@ -81,7 +81,7 @@ def test_cell_labels_known_answer() -> None:
 def test_labels_of_generated_items_match_their_objects() -> None:
     items = list(dataset("image", "train", 16, form="mixed"))
     labels = batch_labels(items, CELL)
-    assert labels.shape == (16, G * G, 4)
+    assert labels.shape == (16, G * G, 5)
     for it, lab in zip(items, labels, strict=True):
         covered = 0
         for o in it.scene["objects"]:
@@ -92,6 +92,12 @@ def test_labels_of_generated_items_match_their_objects() -> None:
         if "label" in it.scene:
             text = it.scene["label"]["text"]
             assert "".join(CHAR_CLASSES[i] for i in lab[:, 2].tolist() if i) == text
+            # answer word i reads the cell marked i: the label's characters in reading order
+            marked = sorted((int(w), CHAR_CLASSES[int(c)]) for w, c in zip(lab[:, 4], lab[:, 2], strict=True) if w)
+            assert [w for w, _ in marked] == list(range(1, len(text) + 1))
+            assert "".join(c for _, c in marked) == text
+        else:
+            assert int(lab[:, 4].abs().sum()) == 0
 
 
 def test_probe_loss_is_the_three_cross_entropies() -> None:
@@ -205,6 +211,23 @@ def test_attention_loss_known_answer() -> None:
     assert torch.allclose(attention_loss(attn, labels, cells, torch.tensor([[1, 1]])), -torch.log(torch.tensor(0.8)))
     assert torch.allclose(attention_loss(attn, labels, cells, torch.tensor([[0, 1]]), head=1), torch.tensor(0.0))
     assert float(attention_loss(attn, labels, cells, torch.tensor([[0, 0]]))) == 0.0  # no key: left out
+
+
+def test_attention_loss_reads_in_answer_order() -> None:
+    attn = torch.zeros(1, 1, 6, 6)
+    attn[0, 0, 2] = torch.tensor([0.1, 0.5, 0.2, 0.2, 0.0, 0.0])  # predicts answer word 1
+    attn[0, 0, 3] = torch.tensor([0.1, 0.1, 0.4, 0.4, 0.0, 0.0])  # predicts answer word 2
+    labels = torch.tensor([[-100, -100, -100, 7, 8, 2]])
+    cells = torch.tensor([[-1, 0, 1, 2, -1, -1]])
+    key = torch.tensor([[1, 1, 0]])
+    order = torch.tensor([[1, 2, 0]])  # cell 0 holds the first character, cell 1 the second
+    want = -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.4))) / 2
+    assert torch.allclose(attention_loss(attn, labels, cells, key, order), want)
+    swapped = -(torch.log(torch.tensor(0.2)) + torch.log(torch.tensor(0.1))) / 2
+    assert torch.allclose(attention_loss(attn, labels, cells, key, torch.tensor([[2, 1, 0]])), swapped)
+    # no order marks: the first answer word toward all key cells, as before
+    assert torch.allclose(attention_loss(attn, labels, cells, key, torch.zeros(1, 3, dtype=torch.long)),
+                          -torch.log(torch.tensor(0.7)))
 
 
 def test_attention_supervision_needs_a_second_layer(tmp_path) -> None:

@@ -94,12 +94,31 @@ def key_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
     return out.reshape(g * g)
 
 
-def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
-    """``[n_images, G * G, 4]`` targets of the image items in ``items`` (other modalities are skipped).
+def answer_order(scene: dict[str, Any], cell: int) -> torch.Tensor:
+    """``[G * G]`` long: ``i`` on the cell of the label's ``i``-th character (1-based), else 0.
 
-    Columns: colour, shape and character classes (:func:`cell_labels`) and the key flag (:func:`key_cells`).
+    A "read" answer is the label's characters in order, one answer word each, so answer word ``i`` has one
+    cell to read: the one this marks ``i``. Scenes without a label are all 0.
     """
-    rows = [torch.cat([cell_labels(it.scene, cell), key_cells(it.scene, cell)[:, None]], 1)
+    g = scene["size"] // cell
+    out = torch.zeros(g, g, dtype=torch.long)
+    if "label" in scene:
+        label = scene["label"]
+        pitch = label.get("pitch", cell)
+        x0, y0 = label["box"][0], label["box"][1]
+        for i in range(len(label["text"])):
+            out[y0 // cell, (x0 + i * pitch + pitch // 2) // cell] = i + 1
+    return out.reshape(g * g)
+
+
+def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
+    """``[n_images, G * G, 5]`` targets of the image items in ``items`` (other modalities are skipped).
+
+    Columns: colour, shape and character classes (:func:`cell_labels`), the key flag (:func:`key_cells`) and
+    the answer word that reads the cell (:func:`answer_order`).
+    """
+    rows = [torch.cat([cell_labels(it.scene, cell), key_cells(it.scene, cell)[:, None],
+                       answer_order(it.scene, cell)[:, None]], 1)
             for it in items if it.modality == "image"]
     if not rows:
         raise ValueError("batch_labels needs at least one image item")
@@ -182,20 +201,25 @@ def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.
 
 
 def attention_loss(attn: torch.Tensor, labels: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor,
-                   head: int = 0) -> torch.Tensor:
-    """Negative log of the attention mass one head puts on the key tokens from the answer position.
+                   order: torch.Tensor | None = None, head: int = 0) -> torch.Tensor:
+    """Negative log of the attention mass one head puts on the cells each answer word must read.
 
     The third hop, supervised directly (attention supervision, as in Liu et al., "Attention Correctness in
-    Neural Image Captioning", AAAI 2017, Sec. 3.2): the position that predicts the first answer word should
-    look at the tokens the question is about. Rows without key tokens ("is there ...?" with answer "no") are
-    left out.
+    Neural Image Captioning", AAAI 2017, Sec. 3.2, where each generated word is supervised toward its own
+    image region): the position that predicts the first answer word should look at the key tokens of the
+    question. Where ``order`` marks cells (a "read" answer, one word per label character), each answer word
+    ``i`` is supervised instead toward the cell marked ``i``, its mean over the words: the answer is then
+    read off left to right rather than guessed as a whole. Rows without key tokens ("is there ...?" with
+    answer "no") are left out.
 
     Args:
         attn: ``[B, H, L, L]`` one layer's attention probabilities.
-        labels: ``[B, L]`` answer labels (``-100`` off the answer); the position before the first answer
-            word is the one supervised.
+        labels: ``[B, L]`` answer labels (``-100`` off the answer); the position before each answer word is
+            the one that predicts it.
         visual_cells: ``[B, L]`` the grid cell of each visual token, -1 elsewhere.
         key: ``[B, N]`` key flags of the cells.
+        order: ``[B, N]`` answer-word index (1-based) of the cells, 0 elsewhere (column 4 of
+            :func:`batch_labels`); None supervises the first answer word only.
         head: the supervised head (the others stay free).
 
     Returns:
@@ -203,14 +227,21 @@ def attention_loss(attn: torch.Tensor, labels: torch.Tensor, visual_cells: torch
     """
     losses = []
     for b in range(attn.shape[0]):
-        answer = (labels[b] != IGNORE).nonzero()
+        answer = (labels[b] != IGNORE).nonzero()[:, 0]
         vis = visual_cells[b] >= 0
         on_key = torch.zeros_like(vis)
         on_key[vis] = key[b, visual_cells[b, vis]] > 0
         if len(answer) == 0 or not bool(on_key.any()):
             continue
-        mass = attn[b, head, int(answer[0]) - 1][on_key].sum()
-        losses.append(-torch.log(mass.float().clamp_min(1e-6)))
+        words = torch.zeros_like(visual_cells[b])
+        if order is not None:
+            words[vis] = order[b, visual_cells[b, vis]]
+        n_words = min(int(words.max()), len(answer))
+        if n_words == 0:
+            losses.append(-torch.log(attn[b, head, int(answer[0]) - 1][on_key].sum().float().clamp_min(1e-6)))
+            continue
+        masses = torch.stack([attn[b, head, int(answer[i]) - 1][words == i + 1].sum() for i in range(n_words)])
+        losses.append(-torch.log(masses.float().clamp_min(1e-6)).mean())
     return torch.stack(losses).mean() if losses else attn.new_zeros(())
 
 

@@ -318,6 +318,7 @@ def train(
                     dense_cell=model.config.vision_config.patch_size if probe is not None else None,
                     item_offset=settings.get("init_from", {"items": 0})["items"]),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
+    hardware = _hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
         batch = _to(batch, _device(model))
         labels = batch.pop("dense_labels", None)
@@ -335,7 +336,7 @@ def train(
             dense = probe(feats, labels) + relevance_loss(lens, cells, labels[..., 3], *yes_no)
             if attend:
                 dense = dense + settings["attention_weight"] * attention_loss(
-                    outputs.attentions[ATTEND_LAYER], inputs["labels"], cells, labels[..., 3])
+                    outputs.attentions[ATTEND_LAYER], inputs["labels"], cells, labels[..., 3], labels[..., 4])
             (loss + settings["dense_weight"] * dense).backward()
         else:
             dense = None
@@ -347,6 +348,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         history["losses"].append(loss.item())
         history["seconds"] = time.perf_counter() - t0
+        history["hardware"] = hardware
         rec: dict[str, Any] = {"step": step + 1, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0],
                                "seconds": round(history["seconds"], 1)}
         if dense is not None:
@@ -421,7 +423,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         f"- {len(losses)} steps of batch {settings['batch_size']} ({len(losses) * settings['batch_size']} items), "
         f"AdamW lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10 %), weight decay "
         f"{settings['weight_decay']}, gradient clip 1.0",
-        f"- {history['seconds'] / 60:.1f} min on {_hardware(model)}, "
+        f"- {history['seconds'] / 60:.1f} min on {history.get('hardware') or _hardware(model)}, "
         f"final loss {sum(losses[-20:]) / max(1, len(losses[-20:])):.4f} (mean of last 20 steps)",
         f"- reproduce: `mmtok testbed train {spec.name} --steps {settings['steps']} "
         f"--batch-size {settings['batch_size']} --lr {settings['lr']} --seed {settings['seed']} "
