@@ -21,6 +21,12 @@ _TORCH: dict[str, Callable] = {
 }
 
 
+# The default on CUDA, per kernel, from `mmtok bench kernels` on an H200 (docs/benchmarks.md, 2026-11-27):
+# the Triton merge and k-center beat torch (2-5.7x, 1.3-3.8x) but the exact-fp32 tiled best-match ran at
+# 0.05-0.28x of torch's cuBLAS matmul + max, so torch stays the default there until the kernel wins.
+CUDA_DEFAULTS = {"merge_tokens": "triton", "kcenter": "triton", "best_match": "torch"}
+
+
 @cache
 def _triton_module(name: str):  # noqa: ANN202
     return importlib.import_module(f"mmtok.kernels.triton_{name}")
@@ -41,10 +47,11 @@ def available_impls() -> list[str]:
     return ["torch", "triton"] if triton_available() else ["torch"]
 
 
-def resolve_impl(device: torch.device, impl: str | None = None) -> str:
+def resolve_impl(device: torch.device, impl: str | None = None, kernel: str | None = None) -> str:
     """Which implementation runs for tensors on ``device``.
 
-    Order: the ``impl`` argument, then ``MMTOK_KERNELS``, then Triton on CUDA (when it imports) and
+    Order: the ``impl`` argument, then ``MMTOK_KERNELS``, then the faster one measured on CUDA
+    (:data:`CUDA_DEFAULTS` for ``kernel``; Triton when ``kernel`` is None), if triton imports, and
     torch elsewhere.
 
     Raises:
@@ -55,7 +62,9 @@ def resolve_impl(device: torch.device, impl: str | None = None) -> str:
     if choice is not None and choice not in IMPLS:
         raise ValueError(f"kernel impl must be one of {IMPLS}, got {choice!r} (from impl= or MMTOK_KERNELS)")
     if choice is None:
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda" or not triton_available():
+            return "torch"
+        return CUDA_DEFAULTS.get(kernel, "triton") if kernel is not None else "triton"
     if choice == "triton" and not triton_available():
         raise ValueError(
             "impl='triton' asked for, but triton does not import here (no GPU and no TRITON_INTERPRET=1)"
@@ -64,7 +73,7 @@ def resolve_impl(device: torch.device, impl: str | None = None) -> str:
 
 
 def _dispatch(name: str, device: torch.device, impl: str | None) -> Callable:
-    if resolve_impl(device, impl) == "torch":
+    if resolve_impl(device, impl, name) == "torch":
         return _TORCH[name]
     return getattr(_triton_module(name), name)
 

@@ -48,6 +48,17 @@ def test_cpu_default_is_torch_and_env_or_argument_selects(monkeypatch):
     assert dispatch._dispatch("merge_tokens", cpu, None) is core.merge_tokens
 
 
+def test_cuda_default_is_the_faster_implementation_per_kernel(monkeypatch):
+    monkeypatch.delenv("MMTOK_KERNELS", raising=False)
+    cuda = torch.device("cuda")  # resolve_impl only reads the device type: no GPU needed
+    assert dispatch.resolve_impl(cuda, kernel="merge_tokens") == "triton"
+    assert dispatch.resolve_impl(cuda, kernel="kcenter") == "triton"
+    assert dispatch.resolve_impl(cuda, kernel="best_match") == "torch"  # measured slower (docs/benchmarks.md)
+    assert dispatch.resolve_impl(cuda, "triton", kernel="best_match") == "triton"
+    monkeypatch.setenv("MMTOK_KERNELS", "triton")
+    assert dispatch.resolve_impl(cuda, kernel="best_match") == "triton"
+
+
 def test_env_override_runs_the_kernel(monkeypatch):
     from mmtok.kernels import triton_best_match
 
