@@ -58,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("name", choices=names)
     e.add_argument("--work-dir", help="where the run's checkpoint.pt is (default /tmp/NAME)")
     e.add_argument("--out", help="export directory (default assets/NAME)")
+    e.add_argument("--eval-n", type=int, default=16, help="held-out items per family scored for the card (default 16)")
     e.set_defaults(run=run_export)
 
     v = actions.add_parser("eval", help="held-out accuracy per family through compress_then_generate")
@@ -110,7 +111,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Export a run's latest checkpoint."""
     from mmtok.testbed.train import export_checkpoint
 
-    print(f"exported to {export_checkpoint(args.name, args.work_dir, args.out)}")
+    print(f"exported to {export_checkpoint(args.name, args.work_dir, args.out, eval_n=args.eval_n)}")
     return 0
 
 

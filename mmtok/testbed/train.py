@@ -479,14 +479,16 @@ def export_checkpoint(name: str, work_dir: str | Path | None = None, out: str | 
     ckpt = work / "checkpoint.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt}; train first with `mmtok testbed train {name}`")
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")  # a GPU run exports on any machine
     settings, history = state["settings"], state["history"]
     model, processor = spec.build(settings["size"], settings["seed"])
     model.load_state_dict(state["model"])
     model.eval()
-    if not history["evals"] or history["evals"][-1]["step"] != state["step"]:
-        acc = heldout_accuracy(model, processor, heldout_items(spec, eval_n, settings["seed"]))
-        history["evals"].append({"step": state["step"], "acc": acc})
+    # Always re-scored: the card states eval_n items per family, which the run's own evaluations may not use.
+    acc = heldout_accuracy(model, processor, heldout_items(spec, eval_n, settings["seed"]))
+    if history["evals"] and history["evals"][-1]["step"] == state["step"]:
+        history["evals"].pop()
+    history["evals"].append({"step": state["step"], "acc": acc})
     target = Path(out) if out is not None else default_out(name)
     export(spec, model, processor, target, settings, history, eval_n)
     return target
