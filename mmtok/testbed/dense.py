@@ -262,14 +262,3 @@ def class_word_ids(tokenizer: Any) -> list[list[int]]:
             ids.append(int(i))
         out.append(ids)
     return out
-
-
-def projector_of(model: Any) -> torch.nn.Module | None:
-    """The module whose output is the ``[n_images, N, hidden]`` visual tokens on the patch grid, if any.
-
-    Llava's multimodal projector maps each patch token to the language model's width one to one, so its
-    output rows are the grid cells in row-major order. Models whose merger mixes cells (Qwen2-VL's 2 x 2
-    merge) return None: the probe is not used for them.
-    """
-    inner = getattr(model, "model", None)
-    return getattr(inner, "multi_modal_projector", None)

@@ -23,18 +23,20 @@ if TYPE_CHECKING:
 
 # The same turn for Qwen2-VL's placeholders (``<|vision_start|><|image_pad|><|vision_end|>``, the marker the
 # mmtok adapter and the stock processor expand) and for Qwen2-Audio's (``<|audio_bos|><|AUDIO|><|audio_eos|>``).
+# The question comes first, as in LLAVA_TEMPLATE: causal attention then lets every media token read it, which
+# the dense relevance supervision of training relies on (mmtok.testbed.dense.relevance_loss).
 QWEN2VL_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>\n"
-    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>\n"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>\n"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>\n{% endif %}{% endfor %} "
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 AUDIO_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-    "{% if c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>\n"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>\n{% endif %}"
+    "{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 QWEN2VL_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 AUDIO_SPECIALS = ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mmtok.testbed.curriculum import background_share, image_features, keep_mask, reduced_inputs
+from mmtok.testbed.curriculum import background_share, keep_mask
 from mmtok.testbed.data import HELDOUT_SPLIT, chance, dataset, families, item
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import (
@@ -32,10 +32,10 @@ from mmtok.testbed.dense import (
     attention_loss,
     batch_labels,
     class_word_ids,
-    projector_of,
     relevance_loss,
 )
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
+from mmtok.testbed.visual_grid import grid_inputs, model_kind, on_layout_grid, per_row, tokens_per_side
 
 ROOT = Path(__file__).resolve().parents[2]
 # The relevance marks are read out after the first language-model layer (through the final norm and the tied
@@ -211,11 +211,12 @@ def train(
         workers: ``DataLoader`` worker processes making batches (0: in the training process, which keeps
             both cores of a small CPU machine for compute; use several on a GPU machine).
         dense_weight: weight of the per-visual-token probe loss (:mod:`mmtok.testbed.dense`) added to the
-            answer loss; the spec's default when None; 0 turns it off. Only models whose projector keeps
-            the patch grid (Llava) take it.
+            answer loss; the spec's default when None; 0 turns it off. Only models with one image token
+            per layout cell of the scenes take it (:mod:`mmtok.testbed.visual_grid`: the shipped Llava and
+            Qwen2-VL sizes; Qwen2-VL's video rows get the answer loss only).
         curriculum: share of the steps over which background visual tokens are phased in
             (:mod:`mmtok.testbed.curriculum`); the spec's default when None; 0 trains on whole images
-            throughout. Needs ``dense_weight > 0``.
+            throughout. Needs ``dense_weight > 0`` and a Llava model.
         attention_weight: weight of the attention supervision (:func:`mmtok.testbed.dense.attention_loss`)
             inside the dense loss; the spec's default when None. Trains with eager attention (the only
             implementation that returns attention probabilities); the model goes back to SDPA afterwards.
@@ -248,16 +249,15 @@ def train(
         settings["init_from"] = {"path": str(source), "step": warm["step"],
                                  "items": before["items"] + warm["step"] * warm["settings"]["batch_size"]}
     model, processor = spec.build(size, seed)
+    shape = spec.sizes[size] if isinstance(size, str) else size
+    grid_ok = on_layout_grid(model, shape)
     if dense_weight is None or curriculum is None:
-        # The spec's dense/curriculum defaults are for sizes whose patch grid is the scenes' layout grid
+        # The spec's dense/curriculum defaults are for sizes whose image tokens lie on the scenes' layout grid
         # (the shipped one); other sizes (the test-sized "tiny") train without them unless asked.
-        vis = getattr(model.config, "vision_config", None)
-        grid = (getattr(vis, "image_size", None), getattr(vis, "patch_size", None))
-        on_grid = projector_of(model) is not None and grid == (IMAGE_SIZE, CELL)
         if dense_weight is None:
-            settings["dense_weight"] = d.get("dense_weight", 0.0) if on_grid else 0.0
+            settings["dense_weight"] = d.get("dense_weight", 0.0) if grid_ok else 0.0
         if curriculum is None:
-            settings["curriculum"] = d.get("curriculum", 0.0) if on_grid and settings["dense_weight"] > 0 else 0.0
+            settings["curriculum"] = d.get("curriculum", 0.0) if grid_ok and settings["dense_weight"] > 0 else 0.0
     if attention_weight is None:
         settings["attention_weight"] = d.get("attention_weight", 0.0) if settings["dense_weight"] > 0 else 0.0
     if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
@@ -271,17 +271,15 @@ def train(
     work = Path(work_dir) if work_dir is not None else Path("/tmp") / name
     work.mkdir(parents=True, exist_ok=True)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    projector = projector_of(model) if settings["dense_weight"] > 0 else None
-    if settings["dense_weight"] > 0 and projector is None:
-        raise ValueError(f"{name} has no patch-grid projector for the dense probe; use dense_weight=0")
-    if projector is not None:
-        vis = model.config.vision_config
-        if (vis.image_size, vis.patch_size) != (IMAGE_SIZE, CELL):
-            raise ValueError(f"the dense probe needs the model's patch grid to be the scenes' layout grid "
-                             f"({IMAGE_SIZE} px images, {CELL} px cells), not {vis.image_size} px / "
-                             f"{vis.patch_size} px patches; use dense_weight=0 for this size")
     probe = None
-    if projector is not None:
+    if settings["dense_weight"] > 0:
+        if not grid_ok:
+            raise ValueError(f"the dense probe needs one image token per layout cell of the scenes ({IMAGE_SIZE} px "
+                             f"images, {CELL} px cells: {IMAGE_SIZE // CELL} tokens per side) in a Llava or Qwen2-VL "
+                             f"model; {name} at this size has {tokens_per_side(shape)}: "
+                             "use dense_weight=0 for this size")
+        if settings["curriculum"] > 0 and model_kind(model) != "llava":
+            raise ValueError("the background curriculum drops tokens of Llava models only: use curriculum=0")
         probe = DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer)).to(_device(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
     params = list(model.parameters())
@@ -315,7 +313,7 @@ def train(
     stop = settings["steps"] if until is None else min(until, settings["steps"])
     batches = torch.utils.data.DataLoader(
         StepBatches(spec, processor, settings["batch_size"], seed, start_step, max(start_step, stop),
-                    dense_cell=model.config.vision_config.patch_size if probe is not None else None,
+                    dense_cell=CELL if probe is not None else None,
                     item_offset=settings.get("init_from", {"items": 0})["items"]),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     hardware = _hardware(model)
@@ -324,19 +322,18 @@ def train(
         labels = batch.pop("dense_labels", None)
         share = background_share(step, settings["steps"], settings["curriculum"])
         if probe is not None:
-            feats = image_features(model, batch["pixel_values"])
             keep = (keep_mask(labels, share, torch.Generator().manual_seed(seed * 1_000_003 + step)) if share < 1
-                    else torch.ones(labels.shape[:2], dtype=torch.bool, device=labels.device))
-            inputs = reduced_inputs(model, batch, feats, keep)
-            cells = inputs.pop("visual_cells")
+                    else None)
+            feats, inputs, cells, image_rows = grid_inputs(model, batch, keep)
             attend = settings["attention_weight"] > 0
             outputs = model(**inputs, output_hidden_states=True, output_attentions=attend)
             loss = outputs.loss
             lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
-            dense = probe(feats, labels) + relevance_loss(lens, cells, labels[..., 3], *yes_no)
+            key, order = per_row(labels[..., 3], image_rows), per_row(labels[..., 4], image_rows)
+            dense = probe(feats, labels) + relevance_loss(lens, cells, key, *yes_no)
             if attend:
                 dense = dense + settings["attention_weight"] * attention_loss(
-                    outputs.attentions[ATTEND_LAYER], inputs["labels"], cells, labels[..., 3], labels[..., 4])
+                    outputs.attentions[ATTEND_LAYER], inputs["labels"], cells, key, order)
             (loss + settings["dense_weight"] * dense).backward()
         else:
             dense = None
