@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,11 +17,11 @@ from mmtok.testbed.data.images import CELL, IMAGE_SIZE  # noqa: E402
 from mmtok.testbed.dense import batch_labels  # noqa: E402
 from mmtok.testbed.models import Size, encode_items, get_spec  # noqa: E402
 from mmtok.testbed.train import train  # noqa: E402
-from mmtok.testbed.visual_grid import grid_inputs, model_kind, on_layout_grid, per_row  # noqa: E402
+from mmtok.testbed.visual_grid import GridBatch, grid_inputs, model_kind, on_layout_grid  # noqa: E402
 
 G = IMAGE_SIZE // CELL
 # The shipped Qwen2-VL geometry (448 px, 14 px patches, 2 x 2 merge: 16 x 16 tokens) with small widths.
-QWEN_GRID = Size(image_size=448, video_size=56, patch_size=14, merge_size=2, vision_hidden=32, vision_layers=1,
+QWEN_GRID = Size(image_size=448, video_size=336, patch_size=14, merge_size=2, vision_hidden=32, vision_layers=1,
                  vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, mlp_ratio=2)
 
 
@@ -39,6 +40,7 @@ def test_grid_geometry_of_the_specs(qwen) -> None:
     assert not on_layout_grid(model, get_spec("testbed-qwen2vl").sizes["tiny"])  # 2 x 2 tokens, not 16 x 16
     assert on_layout_grid(model, get_spec("testbed-qwen2vl").sizes["full"])
     assert model_kind(torch.nn.Linear(2, 2)) is None
+    assert not on_layout_grid(model, replace(QWEN_GRID, video_size=56))  # 2 x 2 video tokens per patch
 
 
 def test_qwen_merged_token_k_covers_cell_k(qwen) -> None:
@@ -60,24 +62,33 @@ def test_qwen_grid_inputs_equal_the_stock_forward(qwen) -> None:
     model, processor = qwen
     items = list(dataset("image", "train", 2, form="mixed")) + list(dataset("video", "train", 1, form="mixed"))
     batch = encode_items(processor, items)
-    feats, inputs, cells, image_rows = grid_inputs(model, batch)
-    assert feats.shape == (2, G * G, 32) and image_rows.tolist() == [True, True, False]
+    grid = grid_inputs(model, batch)
+    assert grid.image_tokens.shape == (2, G * G, 32) and grid.image_rows.tolist() == [True, True, False]
+    m = int((batch["input_ids"][2] == model.config.video_token_id).sum())
+    assert grid.video_tokens.shape == (1, m, 32) and grid.video_rows.tolist() == [False, False, True]
     with torch.no_grad():
         want = model(**batch).logits
-        got = model(**inputs).logits
+        got = model(**grid.inputs).logits
     assert torch.allclose(got, want, atol=1e-5)
     image = batch["input_ids"] == model.config.image_token_id
-    assert (cells[image] == torch.arange(G * G).repeat(2)).all() and (cells[~image] == -1).all()
+    video = batch["input_ids"] == model.config.video_token_id
+    assert (grid.cells[image] == torch.arange(G * G).repeat(2)).all()
+    assert (grid.cells[video] == torch.arange(m)).all() and (grid.cells[~image & ~video] == -1).all()
     with pytest.raises(ValueError, match="curriculum"):
         grid_inputs(model, batch, keep=torch.ones(2, G * G, dtype=torch.bool))
 
 
-def test_per_row_places_image_labels_on_their_rows() -> None:
+def test_per_row_places_each_media_s_labels_on_its_rows() -> None:
     labels = batch_labels(list(dataset("image", "train", 2, form="mixed")), CELL)
-    rows = torch.tensor([False, True, False, True])
-    key = per_row(labels[..., 3], rows)
+    grid = GridBatch(torch.zeros(2, G * G, 1), None, {}, torch.zeros(4, 1), torch.tensor([False, True, False, True]),
+                     torch.tensor([True, False, False, False]))
+    key = grid.per_row(labels[..., 3])
     assert key.shape == (4, G * G) and (key[1] == labels[0, :, 3]).all() and (key[3] == labels[1, :, 3]).all()
     assert int(key[0].abs().sum()) == 0 and int(key[2].abs().sum()) == 0
+    video = torch.ones(1, 3 * G * G, 5, dtype=torch.long)
+    both = grid.per_row(labels, video)
+    assert both.shape == (4, 3 * G * G, 5) and int(both[0].sum()) == 3 * G * G * 5
+    assert (both[1, :G * G] == labels[0]).all() and int(both[1, G * G:].abs().sum()) == 0
 
 
 def test_qwen_dense_training_lowers_the_probe_loss(tmp_path) -> None:

@@ -34,8 +34,9 @@ from mmtok.testbed.dense import (
     class_word_ids,
     relevance_loss,
 )
+from mmtok.testbed.dense_video import video_batch_labels
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
-from mmtok.testbed.visual_grid import grid_inputs, model_kind, on_layout_grid, per_row, tokens_per_side
+from mmtok.testbed.visual_grid import grid_inputs, model_kind, on_layout_grid, tokens_per_side
 
 ROOT = Path(__file__).resolve().parents[2]
 # The relevance marks are read out after the first language-model layer (through the final norm and the tied
@@ -117,6 +118,8 @@ class StepBatches(torch.utils.data.Dataset):
         batch = encode_items(self.processor, items)
         if self.dense_cell is not None:
             batch["dense_labels"] = batch_labels(items, self.dense_cell)
+            if any(it.modality == "video" for it in items):
+                batch["dense_labels_video"] = video_batch_labels(items)
         return batch
 
 
@@ -320,20 +323,25 @@ def train(
     for step, batch in zip(range(start_step, stop), batches, strict=True):
         batch = _to(batch, _device(model))
         labels = batch.pop("dense_labels", None)
+        video_labels = batch.pop("dense_labels_video", None)
         share = background_share(step, settings["steps"], settings["curriculum"])
         if probe is not None:
             keep = (keep_mask(labels, share, torch.Generator().manual_seed(seed * 1_000_003 + step)) if share < 1
                     else None)
-            feats, inputs, cells, image_rows = grid_inputs(model, batch, keep)
+            grid = grid_inputs(model, batch, keep)
             attend = settings["attention_weight"] > 0
-            outputs = model(**inputs, output_hidden_states=True, output_attentions=attend)
+            outputs = model(**grid.inputs, output_hidden_states=True, output_attentions=attend)
             loss = outputs.loss
             lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
-            key, order = per_row(labels[..., 3], image_rows), per_row(labels[..., 4], image_rows)
-            dense = probe(feats, labels) + relevance_loss(lens, cells, key, *yes_no)
+            dense = probe(grid.image_tokens, labels)
+            if grid.video_tokens is not None:
+                dense = dense + probe(grid.video_tokens, video_labels)
+            targets = grid.per_row(labels, video_labels if grid.video_tokens is not None else None)
+            dense = dense + relevance_loss(lens, grid.cells, targets[..., 3], *yes_no)
             if attend:
                 dense = dense + settings["attention_weight"] * attention_loss(
-                    outputs.attentions[ATTEND_LAYER], inputs["labels"], cells, key, order)
+                    outputs.attentions[ATTEND_LAYER], grid.inputs["labels"], grid.cells, targets[..., 3],
+                    targets[..., 4])
             (loss + settings["dense_weight"] * dense).backward()
         else:
             dense = None

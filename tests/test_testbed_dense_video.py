@@ -1,0 +1,74 @@
+"""Dense targets of the video items: cell classes per video token and the event tokens of the key frames."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mmtok.testbed.data import dataset, families  # noqa: E402
+from mmtok.testbed.data.videos import CELL, VIDEO_FRAMES, VIDEO_SIZE  # noqa: E402
+from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES  # noqa: E402
+from mmtok.testbed.dense_video import video_batch_labels, video_cell_labels, video_key_cells  # noqa: E402
+from mmtok.testbed.models import get_spec  # noqa: E402
+
+G = VIDEO_SIZE // CELL
+
+
+def _scene(key):
+    red = {"id": 0, "colour": "red", "shape": "circle"}
+    blue = {"id": 1, "colour": "blue", "shape": "square", "box": [30, 30, 48, 48]}  # cell (1, 1), never changes
+    left, right = {**red, "box": [2, 2, 20, 20]}, {**red, "box": [30, 2, 48, 20]}  # cells (0, 0) and (0, 1)
+    return {"size": 56, "frames": [[left, blue], [left, blue], [right, blue], [right, blue]], "query": {"key": key}}
+
+
+def test_video_cell_labels_known_answer() -> None:
+    lab = video_cell_labels(_scene([2, 3]))
+    assert lab.shape == (2 * 4, 3)
+    named = {(i // 4, i % 4): (COLOUR_CLASSES[int(c)], SHAPE_CLASSES[int(s)]) for i, (c, s, _) in enumerate(lab)
+             if c or s}
+    assert named == {(0, 0): ("red", "circle"), (0, 3): ("blue", "square"), (1, 1): ("red", "circle"),
+                     (1, 3): ("blue", "square")}
+    assert int(lab[:, 2].abs().sum()) == 0
+    with pytest.raises(ValueError, match="grid"):
+        video_cell_labels({**_scene([0]), "size": 50})
+
+
+def test_video_key_cells_mark_the_events_of_the_key_patches() -> None:
+    # the move happens at patch 1: the cell it left and the cell it entered; the static blue square never
+    assert video_key_cells(_scene([2, 3])).reshape(2, 4).tolist() == [[0, 0, 0, 0], [1, 1, 0, 0]]
+    # at patch 0 only the object about to move is an event
+    assert video_key_cells(_scene([0, 1])).reshape(2, 4).tolist() == [[1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_every_generated_video_question_has_event_tokens() -> None:
+    items = list(dataset("video", "train", 3 * len(families("video")), form="mixed"))
+    labels = video_batch_labels(items)
+    assert labels.shape == (len(items), VIDEO_FRAMES // 2 * G * G, 5)
+    for it, lab in zip(items, labels, strict=True):
+        assert int(lab[:, 3].sum()) >= 1, it.family
+        patches = {int(i) // (G * G) for i in lab[:, 3].nonzero()}
+        assert patches <= {f // 2 for f in it.scene["query"]["key"]}
+        assert int(lab[:, 4].abs().sum()) == 0
+    with pytest.raises(ValueError, match="video"):
+        video_batch_labels(list(dataset("image", "train", 1)))
+
+
+def test_qwen_video_token_order_is_patch_row_column() -> None:
+    torch.set_num_threads(1)
+    _, processor = get_spec("testbed-qwen2vl").build("full")
+    patch, row, col = 3, 5, 7
+    frames = [np.full((VIDEO_SIZE, VIDEO_SIZE, 3), 128, np.uint8) for _ in range(VIDEO_FRAMES)]
+    for f in (2 * patch, 2 * patch + 1):
+        frames[f][row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = (230, 20, 20)
+    out = processor.video_processor(videos=[[Image.fromarray(f) for f in frames]], return_tensors="pt")
+    assert out["video_grid_thw"].tolist() == [[VIDEO_FRAMES // 2, 2 * G, 2 * G]]
+    per_token = out["pixel_values_videos"].reshape(VIDEO_FRAMES // 2 * G * G, -1)
+    deviation = (per_token - per_token[0]).abs().mean(1)
+    assert int(deviation.argmax()) == patch * G * G + row * G + col
+    assert float(deviation.sort().values[-2]) < 0.25 * float(deviation.max())
