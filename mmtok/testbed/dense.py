@@ -27,6 +27,7 @@ from mmtok.testbed.data.items import ALPHABET, COLOUR_NAMES, SHAPES, QAItem
 COLOUR_CLASSES = ("none", *COLOUR_NAMES)
 SHAPE_CLASSES = ("none", *SHAPES, "box", "label")
 CHAR_CLASSES = ("none", *ALPHABET)
+VISUAL_HEADS = (COLOUR_CLASSES, SHAPE_CLASSES, CHAR_CLASSES)  # the probe heads of image and video tokens
 IGNORE = -100
 TEMPERATURE = 10.0  # cosine logits in [-10, 10]: confident enough for a near-zero loss, bounded norms
 
@@ -126,7 +127,7 @@ def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
 
 
 class DenseProbe(torch.nn.Module):
-    """A linear read-out of each projected visual token: colour, shape and character logits of its cell.
+    """A linear read-out of each media token: by default the colour, shape and character logits of its cell.
 
     The read-out is the language model's own (tied) word embedding matrix: class ``k`` of a head scores
     the token against the embedding of word ``k``, so a red circle's token is pulled toward the words "red"
@@ -134,14 +135,16 @@ class DenseProbe(torch.nn.Module):
     language model. The scores are cosine similarities times ``TEMPERATURE``: with raw dot products the loss
     is lowered fastest by inflating the visual tokens' norms (to ~100x the word embeddings' in a first run),
     and tokens that large drown everything the language model's layers add to them. The probe has no
-    weights of its own.
+    weights of its own. Other heads (``heads``: one tuple of class words each) read out other media, e.g.
+    the event kind of an audio token (:mod:`mmtok.testbed.dense_audio`).
     """
 
-    def __init__(self, word_embeddings: torch.nn.Embedding, word_ids: Sequence[Sequence[int]]) -> None:
+    def __init__(self, word_embeddings: torch.nn.Embedding, word_ids: Sequence[Sequence[int]],
+                 heads: Sequence[Sequence[str]] = VISUAL_HEADS) -> None:
         super().__init__()
-        self.sizes = (len(COLOUR_CLASSES), len(SHAPE_CLASSES), len(CHAR_CLASSES))
+        self.sizes = tuple(len(classes) for classes in heads)
         if tuple(len(ids) for ids in word_ids) != self.sizes:
-            raise ValueError(f"word_ids must list {self.sizes} ids for the three heads, "
+            raise ValueError(f"word_ids must list {self.sizes} ids for the {len(heads)} heads, "
                              f"got {tuple(len(ids) for ids in word_ids)}")
         self.register_buffer("ids", torch.tensor([i for ids in word_ids for i in ids]), persistent=False)
         self.words = [word_embeddings]  # a list: not registered, so its weight is the model's, not ours
@@ -152,11 +155,12 @@ class DenseProbe(torch.nn.Module):
         return TEMPERATURE * torch.nn.functional.normalize(tokens, dim=-1) @ words.T
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of the three heads' mean cross-entropies.
+        """Sum of the heads' mean cross-entropies.
 
         Args:
-            tokens: ``[n_images, N, hidden]`` projected visual tokens.
-            labels: ``[n_images, N, >= 3]`` targets from :func:`batch_labels` (the first three columns).
+            tokens: ``[n_media, N, hidden]`` media tokens as the language model receives them.
+            labels: ``[n_media, N, >= n_heads]`` targets, one column per head first (e.g. from
+                :func:`batch_labels`).
 
         Returns:
             Scalar loss.
@@ -245,14 +249,14 @@ def attention_loss(attn: torch.Tensor, labels: torch.Tensor, visual_cells: torch
     return torch.stack(losses).mean() if losses else attn.new_zeros(())
 
 
-def class_word_ids(tokenizer: Any) -> list[list[int]]:
-    """Token ids of the class words of the three heads ("none" is the pad token; "box", "label" are words).
+def class_word_ids(tokenizer: Any, heads: Sequence[Sequence[str]] = VISUAL_HEADS) -> list[list[int]]:
+    """Token ids of the class words of the heads ("none" is the pad token; "box", "label" are words).
 
     Raises:
         ValueError: a class word is not a single known token of ``tokenizer``.
     """
     out = []
-    for classes in (COLOUR_CLASSES, SHAPE_CLASSES, CHAR_CLASSES):
+    for classes in heads:
         ids = []
         for word in classes:
             tok = tokenizer.pad_token if word == "none" else word

@@ -257,7 +257,9 @@ SPECS: dict[str, TestbedSpec] = {
             "tiny": Size(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1,
                          text_heads=2, text_kv_heads=1, mlp_ratio=2),
         },
-        train_defaults={"steps": 800, "batch_size": 16, "lr": 1.5e-3, "warmup": 50, "weight_decay": 0.01},
+        # Dense event-kind probe, relevance and attention supervision on the 40 ms tokens (dense_audio).
+        train_defaults={"steps": 800, "batch_size": 16, "lr": 1.5e-3, "warmup": 50, "weight_decay": 0.01,
+                        "dense_weight": 1.0, "curriculum": 0.0, "attention_weight": 1.0},
     ),
 }
 

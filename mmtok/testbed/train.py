@@ -28,15 +28,17 @@ from mmtok.testbed.curriculum import background_share, keep_mask
 from mmtok.testbed.data import HELDOUT_SPLIT, chance, dataset, families, item
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import (
+    VISUAL_HEADS,
     DenseProbe,
     attention_loss,
     batch_labels,
     class_word_ids,
     relevance_loss,
 )
+from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_video import video_batch_labels
+from mmtok.testbed.media_grid import MEDIA, grid_inputs, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
-from mmtok.testbed.visual_grid import grid_inputs, model_kind, on_layout_grid, tokens_per_side
 
 ROOT = Path(__file__).resolve().parents[2]
 # The relevance marks are read out after the first language-model layer (through the final norm and the tied
@@ -101,8 +103,8 @@ class StepBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int,
-                 dense_cell: int | None = None, item_offset: int = 0) -> None:
-        self.processor, self.seed, self.start, self.stop, self.dense_cell = processor, seed, start, stop, dense_cell
+                 dense: bool = False, item_offset: int = 0) -> None:
+        self.processor, self.seed, self.start, self.stop, self.dense = processor, seed, start, stop, dense
         self.item_offset = item_offset
         self.modalities = list(spec.modalities)
         self.per = max(1, batch_size // len(self.modalities))
@@ -116,10 +118,12 @@ class StepBatches(torch.utils.data.Dataset):
                  for it in dataset(m, "train", self.per, self.seed, form=FORM,
                                    start=self.item_offset + step * self.per)]
         batch = encode_items(self.processor, items)
-        if self.dense_cell is not None:
-            batch["dense_labels"] = batch_labels(items, self.dense_cell)
-            if any(it.modality == "video" for it in items):
-                batch["dense_labels_video"] = video_batch_labels(items)
+        if self.dense:
+            present = {it.modality for it in items}
+            for media, make in (("image", lambda its: batch_labels(its, CELL)), ("video", video_batch_labels),
+                                ("audio", audio_batch_labels)):
+                if media in present:
+                    batch[f"dense_labels_{media}"] = make(items)
         return batch
 
 
@@ -255,12 +259,13 @@ def train(
     shape = spec.sizes[size] if isinstance(size, str) else size
     grid_ok = on_layout_grid(model, shape)
     if dense_weight is None or curriculum is None:
-        # The spec's dense/curriculum defaults are for sizes whose image tokens lie on the scenes' layout grid
-        # (the shipped one); other sizes (the test-sized "tiny") train without them unless asked.
+        # The spec's dense/curriculum defaults are the shipped size's recipe; other sizes (the test-sized
+        # "tiny") train without them unless asked.
+        shipped = size == "full" and grid_ok
         if dense_weight is None:
-            settings["dense_weight"] = d.get("dense_weight", 0.0) if grid_ok else 0.0
+            settings["dense_weight"] = d.get("dense_weight", 0.0) if shipped else 0.0
         if curriculum is None:
-            settings["curriculum"] = d.get("curriculum", 0.0) if grid_ok and settings["dense_weight"] > 0 else 0.0
+            settings["curriculum"] = d.get("curriculum", 0.0) if shipped and settings["dense_weight"] > 0 else 0.0
     if attention_weight is None:
         settings["attention_weight"] = d.get("attention_weight", 0.0) if settings["dense_weight"] > 0 else 0.0
     if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
@@ -274,7 +279,7 @@ def train(
     work = Path(work_dir) if work_dir is not None else Path("/tmp") / name
     work.mkdir(parents=True, exist_ok=True)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    probe = None
+    probes: dict[str, DenseProbe] = {}
     if settings["dense_weight"] > 0:
         if not grid_ok:
             raise ValueError(f"the dense probe needs one image token per layout cell of the scenes ({IMAGE_SIZE} px "
@@ -283,7 +288,10 @@ def train(
                              "use dense_weight=0 for this size")
         if settings["curriculum"] > 0 and model_kind(model) != "llava":
             raise ValueError("the background curriculum drops tokens of Llava models only: use curriculum=0")
-        probe = DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer)).to(_device(model))
+        words = model.get_input_embeddings()
+        for media in spec.modalities:
+            heads = AUDIO_HEADS if media == "audio" else VISUAL_HEADS
+            probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads).to(_device(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98), weight_decay=settings["weight_decay"])
@@ -316,32 +324,31 @@ def train(
     stop = settings["steps"] if until is None else min(until, settings["steps"])
     batches = torch.utils.data.DataLoader(
         StepBatches(spec, processor, settings["batch_size"], seed, start_step, max(start_step, stop),
-                    dense_cell=CELL if probe is not None else None,
+                    dense=bool(probes),
                     item_offset=settings.get("init_from", {"items": 0})["items"]),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     hardware = _hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
         batch = _to(batch, _device(model))
-        labels = batch.pop("dense_labels", None)
-        video_labels = batch.pop("dense_labels_video", None)
+        labels = {m: batch.pop(f"dense_labels_{m}") for m in MEDIA if f"dense_labels_{m}" in batch}
         share = background_share(step, settings["steps"], settings["curriculum"])
-        if probe is not None:
-            keep = (keep_mask(labels, share, torch.Generator().manual_seed(seed * 1_000_003 + step)) if share < 1
-                    else None)
+        if probes:
+            keep = (keep_mask(labels["image"], share, torch.Generator().manual_seed(seed * 1_000_003 + step))
+                    if share < 1 else None)
             grid = grid_inputs(model, batch, keep)
             attend = settings["attention_weight"] > 0
-            outputs = model(**grid.inputs, output_hidden_states=True, output_attentions=attend)
+            with grid.capturing():
+                outputs = model(**grid.inputs, output_hidden_states=True, output_attentions=attend)
             loss = outputs.loss
             lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
-            dense = probe(grid.image_tokens, labels)
-            if grid.video_tokens is not None:
-                dense = dense + probe(grid.video_tokens, video_labels)
-            targets = grid.per_row(labels, video_labels if grid.video_tokens is not None else None)
-            dense = dense + relevance_loss(lens, grid.cells, targets[..., 3], *yes_no)
+            # Targets: the probe heads' columns first, then the key flag and the answer-word order.
+            dense = sum(probes[m](grid.tokens[m], labels[m]) for m in grid.tokens)
+            targets = grid.per_row({m: labels[m][..., -2:] for m in grid.tokens})
+            dense = dense + relevance_loss(lens, grid.cells, targets[..., 0], *yes_no)
             if attend:
                 dense = dense + settings["attention_weight"] * attention_loss(
-                    outputs.attentions[ATTEND_LAYER], grid.inputs["labels"], grid.cells, targets[..., 3],
-                    targets[..., 4])
+                    outputs.attentions[ATTEND_LAYER], grid.inputs["labels"], grid.cells, targets[..., 0],
+                    targets[..., 1])
             (loss + settings["dense_weight"] * dense).backward()
         else:
             dense = None

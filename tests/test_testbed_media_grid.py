@@ -15,9 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from mmtok.testbed.data import dataset  # noqa: E402
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE  # noqa: E402
 from mmtok.testbed.dense import batch_labels  # noqa: E402
+from mmtok.testbed.media_grid import GridBatch, grid_inputs, model_kind, on_layout_grid  # noqa: E402
 from mmtok.testbed.models import Size, encode_items, get_spec  # noqa: E402
 from mmtok.testbed.train import train  # noqa: E402
-from mmtok.testbed.visual_grid import GridBatch, grid_inputs, model_kind, on_layout_grid  # noqa: E402
 
 G = IMAGE_SIZE // CELL
 # The shipped Qwen2-VL geometry (448 px, 14 px patches, 2 x 2 merge: 16 x 16 tokens) with small widths.
@@ -40,6 +40,7 @@ def test_grid_geometry_of_the_specs(qwen) -> None:
     assert not on_layout_grid(model, get_spec("testbed-qwen2vl").sizes["tiny"])  # 2 x 2 tokens, not 16 x 16
     assert on_layout_grid(model, get_spec("testbed-qwen2vl").sizes["full"])
     assert model_kind(torch.nn.Linear(2, 2)) is None
+    assert model_kind(get_spec("testbed-audio").build("tiny")[0]) == "qwen2audio"
     assert not on_layout_grid(model, replace(QWEN_GRID, video_size=56))  # 2 x 2 video tokens per patch
 
 
@@ -63,9 +64,9 @@ def test_qwen_grid_inputs_equal_the_stock_forward(qwen) -> None:
     items = list(dataset("image", "train", 2, form="mixed")) + list(dataset("video", "train", 1, form="mixed"))
     batch = encode_items(processor, items)
     grid = grid_inputs(model, batch)
-    assert grid.image_tokens.shape == (2, G * G, 32) and grid.image_rows.tolist() == [True, True, False]
+    assert grid.tokens["image"].shape == (2, G * G, 32) and grid.rows["image"].tolist() == [True, True, False]
     m = int((batch["input_ids"][2] == model.config.video_token_id).sum())
-    assert grid.video_tokens.shape == (1, m, 32) and grid.video_rows.tolist() == [False, False, True]
+    assert grid.tokens["video"].shape == (1, m, 32) and grid.rows["video"].tolist() == [False, False, True]
     with torch.no_grad():
         want = model(**batch).logits
         got = model(**grid.inputs).logits
@@ -76,19 +77,23 @@ def test_qwen_grid_inputs_equal_the_stock_forward(qwen) -> None:
     assert (grid.cells[video] == torch.arange(m)).all() and (grid.cells[~image & ~video] == -1).all()
     with pytest.raises(ValueError, match="curriculum"):
         grid_inputs(model, batch, keep=torch.ones(2, G * G, dtype=torch.bool))
+    with pytest.raises(ValueError, match="Llava, Qwen2-VL or Qwen2-Audio"):
+        grid_inputs(torch.nn.Linear(2, 2), batch)
 
 
 def test_per_row_places_each_media_s_labels_on_its_rows() -> None:
     labels = batch_labels(list(dataset("image", "train", 2, form="mixed")), CELL)
-    grid = GridBatch(torch.zeros(2, G * G, 1), None, {}, torch.zeros(4, 1), torch.tensor([False, True, False, True]),
-                     torch.tensor([True, False, False, False]))
-    key = grid.per_row(labels[..., 3])
+    grid = GridBatch({}, {}, torch.zeros(4, 1), {"image": torch.tensor([False, True, False, True]),
+                                                 "video": torch.tensor([True, False, False, False])})
+    key = grid.per_row({"image": labels[..., 3]})
     assert key.shape == (4, G * G) and (key[1] == labels[0, :, 3]).all() and (key[3] == labels[1, :, 3]).all()
     assert int(key[0].abs().sum()) == 0 and int(key[2].abs().sum()) == 0
     video = torch.ones(1, 3 * G * G, 5, dtype=torch.long)
-    both = grid.per_row(labels, video)
+    both = grid.per_row({"image": labels, "video": video})
     assert both.shape == (4, 3 * G * G, 5) and int(both[0].sum()) == 3 * G * G * 5
     assert (both[1, :G * G] == labels[0]).all() and int(both[1, G * G:].abs().sum()) == 0
+    with pytest.raises(ValueError, match="columns"):
+        grid.per_row({"image": labels, "video": video[..., :3]})
 
 
 def test_qwen_dense_training_lowers_the_probe_loss(tmp_path) -> None:
