@@ -220,5 +220,13 @@ def test_warm_start_takes_the_weights_and_continues_the_data(tmp_path):
     assert warm["settings"]["init_from"]["step"] == 2
     done = _run(tmp_path / "warm", steps=3, resume=True, init_from=tmp_path / "first")
     assert len(done["losses"]) == 3
+    # the stages a model went through travel with each warm start, oldest first
+    assert [s["step"] for s in done["settings"]["init_from"]["lineage"]] == [2]
+    third = _run(tmp_path / "third", steps=1, init_from=tmp_path / "warm", out=tmp_path / "card", eval_n=1)
+    lineage = third["settings"]["init_from"]["lineage"]
+    assert [(s["step"], s["steps"], s["batch_size"]) for s in lineage] == [(2, 2, 8), (3, 3, 8)]
+    assert third["settings"]["init_from"]["items"] == (2 + 3) * 8
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "| 1 | 2 of 2 x 8 |" in card and "| 2 | 3 of 3 x 8 |" in card and "| 3 | 1 of 1 x 8 |" in card
     with pytest.raises(FileNotFoundError, match="warm-start"):
         _run(tmp_path / "cold", init_from=tmp_path / "nowhere")

@@ -254,7 +254,8 @@ def train(
         warm = torch.load(source, weights_only=False, map_location="cpu")
         before = warm["settings"].get("init_from") or {"items": 0}
         settings["init_from"] = {"path": str(source), "step": warm["step"],
-                                 "items": before["items"] + warm["step"] * warm["settings"]["batch_size"]}
+                                 "items": before["items"] + warm["step"] * warm["settings"]["batch_size"],
+                                 "lineage": [*before.get("lineage", []), _stage(warm)]}
     model, processor = spec.build(size, seed)
     shape = spec.sizes[size] if isinstance(size, str) else size
     grid_ok = on_layout_grid(model, shape)
@@ -447,6 +448,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
            f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
            "writes the latest checkpoint)"),
+        *_lineage_rows(settings, history, history.get("hardware") or _hardware(model)),
         "",
         "## Held-out accuracy (full tokens)",
         f"Exact match of the greedy answer on the first {eval_n} held-out (`test` split) items per family, form "
@@ -465,6 +467,30 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         *curve,
         "",
     ])
+
+
+def _stage(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training stage, as the model card lists the stages a warm-started model went through."""
+    st, hist = state["settings"], state["history"]
+    keys = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight")
+    return {"step": state["step"], **{k: st.get(k) for k in keys}, "minutes": round(hist["seconds"] / 60, 1),
+            "hardware": hist.get("hardware", "not recorded")}
+
+
+def _lineage_rows(settings: dict[str, Any], history: dict[str, Any], hardware: str) -> list[str]:
+    """The card's table of training stages: each warm-start source (oldest first), then this run."""
+    stages = [*(settings.get("init_from") or {}).get("lineage", []),
+              {"step": len(history["losses"]), **{k: settings.get(k) for k in ("steps", "batch_size", "lr",
+               "dense_weight", "curriculum", "attention_weight")}, "minutes": round(history["seconds"] / 60, 1),
+               "hardware": hardware}]
+    if len(stages) == 1:
+        return []
+    rows = [f"| {i + 1} | {s['step']} of {s['steps']} x {s['batch_size']} | {s['lr']} | {s['dense_weight']} / "
+            f"{s['curriculum']} / {s['attention_weight']} | {s['minutes']} | {s['hardware']} |"
+            for i, s in enumerate(stages)]
+    return ["", "Stages (each warm-started from the one before, with a fresh schedule; the data continues):", "",
+            "| stage | steps x batch | lr | dense / curriculum / attention | minutes | hardware |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def _hardware(model: Any) -> str:
