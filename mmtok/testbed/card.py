@@ -1,0 +1,120 @@
+"""The exported testbed model directory and its model card (architecture, training stages, held-out accuracy)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtok.testbed.data import chance, families
+from mmtok.testbed.models import TestbedSpec
+
+
+def export(spec: TestbedSpec, model: Any, processor: Any, out: Path, settings: dict[str, Any],
+           history: dict[str, Any], eval_n: int) -> None:
+    """Write ``out``: fp16 ``model.safetensors`` + config, processor, tokenizer, chat template, ``README.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    half = type(model)(model.config)
+    half.load_state_dict(model.state_dict())
+    half.generation_config = model.generation_config
+    half.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(model_card(spec, model, processor, settings, history, eval_n, out))
+
+
+def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str, Any], history: dict[str, Any],
+               eval_n: int, out: Path) -> str:
+    """The model card: architecture, data, training run, held-out accuracy per family beside chance."""
+    n_params = sum(p.numel() for p in model.parameters())
+    weights = out / "model.safetensors"
+    mb = weights.stat().st_size / 1e6 if weights.is_file() else float("nan")
+    acc = history["evals"][-1]["acc"] if history["evals"] else {}
+    rows = []
+    for m in spec.modalities:
+        for fam in families(m):
+            ch = (chance(fam, "short") + chance(fam, "mc")) / 2
+            rows.append(f"| {m} | {fam} | {100 * acc.get(fam, float('nan')):.1f} | {100 * ch:.1f} |")
+    curve = [f"| {e['step']} | {100 * e['acc']['mean']:.1f} |" for e in history["evals"]]
+    losses = history["losses"]
+    return "\n".join([
+        f"# {spec.name}",
+        "",
+        f"A small `{spec.architecture}` trained from scratch by mmtok on its procedurally generated",
+        "question-answer data (`mmtok.testbed.data`), as an offline yardstick for token compression. It is",
+        "not a general-purpose model: it knows only the testbed's closed vocabulary and task families.",
+        "",
+        "## Architecture",
+        *spec.describe(model, processor),
+        f"- {n_params / 1e6:.2f} M parameters; weights {mb:.2f} MB (fp16 safetensors)",
+        "",
+        "## Training",
+        f"- data: train split of `mmtok.testbed.data` ({', '.join(spec.modalities)}), form `{settings['form']}`, "
+        f"dataset seed {settings['seed']}, generated on the fly; loss on the answer words and `</s>` only",
+        f"- {len(losses)} steps of batch {settings['batch_size']} ({len(losses) * settings['batch_size']} items), "
+        f"AdamW lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10 %), weight decay "
+        f"{settings['weight_decay']}, gradient clip 1.0",
+        f"- {history['seconds'] / 60:.1f} min on {history.get('hardware') or describe_hardware(model)}, "
+        f"final loss {sum(losses[-20:]) / max(1, len(losses[-20:])):.4f} (mean of last 20 steps)",
+        f"- reproduce: `mmtok testbed train {spec.name} --steps {settings['steps']} "
+        f"--batch-size {settings['batch_size']} --lr {settings['lr']} --seed {settings['seed']} "
+        f"--warmup {settings['warmup']} --dense-weight {settings.get('dense_weight', 0.0)} "
+        f"--curriculum {settings.get('curriculum', 0.0)} --attention-weight {settings.get('attention_weight', 0.0)}`"
+        + (f", warm-started (`--init-from`) from step {settings['init_from']['step']} of "
+           f"`{settings['init_from']['path']}`" if settings.get("init_from") else "")
+        + ("" if len(losses) >= settings["steps"] else
+           f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
+           f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
+           "writes the latest checkpoint)"),
+        *lineage_rows(settings, history, history.get("hardware") or describe_hardware(model)),
+        "",
+        "## Held-out accuracy (full tokens)",
+        f"Exact match of the greedy answer on the first {eval_n} held-out (`test` split) items per family, form "
+        "`mixed` (half short answer, half multiple choice); chance is the mean of the two forms' chance levels.",
+        "Rerun through `mmtok.compress_then_generate` with `mmtok testbed eval "
+        f"{spec.name}`.",
+        "",
+        "| modality | family | accuracy % | chance % |",
+        "|---|---|---|---|",
+        *rows,
+        f"| | **mean** | **{100 * acc.get('mean', float('nan')):.1f}** | |",
+        "",
+        "## Held-out mean accuracy during training",
+        "| step | mean accuracy % |",
+        "|---|---|",
+        *curve,
+        "",
+    ])
+
+
+def stage(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training stage, as the model card lists the stages a warm-started model went through."""
+    st, hist = state["settings"], state["history"]
+    keys = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight")
+    return {"step": state["step"], **{k: st.get(k) for k in keys}, "minutes": round(hist["seconds"] / 60, 1),
+            "hardware": hist.get("hardware", "not recorded")}
+
+
+def lineage_rows(settings: dict[str, Any], history: dict[str, Any], hardware: str) -> list[str]:
+    """The card's table of training stages: each warm-start source (oldest first), then this run."""
+    stages = [*(settings.get("init_from") or {}).get("lineage", []),
+              {"step": len(history["losses"]), **{k: settings.get(k) for k in ("steps", "batch_size", "lr",
+               "dense_weight", "curriculum", "attention_weight")}, "minutes": round(history["seconds"] / 60, 1),
+               "hardware": hardware}]
+    if len(stages) == 1:
+        return []
+    rows = [f"| {i + 1} | {s['step']} of {s['steps']} x {s['batch_size']} | {s['lr']} | {s['dense_weight']} / "
+            f"{s['curriculum']} / {s['attention_weight']} | {s['minutes']} | {s['hardware']} |"
+            for i, s in enumerate(stages)]
+    return ["", "Stages (each warm-started from the one before, with a fresh schedule; the data continues):", "",
+            "| stage | steps x batch | lr | dense / curriculum / attention | minutes | hardware |",
+            "|---|---|---|---|---|---|", *rows]
+
+
+def describe_hardware(model: Any) -> str:
+    """Where ``model`` sits, for the card: ``"one <GPU name> GPU"`` or ``"<machine> CPU (<n> threads)"``."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)} GPU"
+    return f"{platform.machine()} CPU ({torch.get_num_threads()} threads)"
