@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mmtok.adapters import supported_model_types
 from mmtok.testbed.data import chance, families
 from mmtok.testbed.models import TestbedSpec
 
@@ -72,8 +73,11 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         "## Held-out accuracy (full tokens)",
         f"Exact match of the greedy answer on the first {eval_n} held-out (`test` split) items per family, form "
         "`mixed` (half short answer, half multiple choice); chance is the mean of the two forms' chance levels.",
-        "Rerun through `mmtok.compress_then_generate` with `mmtok testbed eval "
-        f"{spec.name}`.",
+        (f"Rerun through `mmtok.compress_then_generate` with `mmtok testbed eval {spec.name}`."
+         if model.config.model_type in supported_model_types() else
+         "Scored by teacher-forced exact match (`mmtok.testbed.train.heldout_accuracy`: the items greedy "
+         f"decoding answers word for word); mmtok has no adapter for `{model.config.model_type}` yet, so "
+         "`mmtok testbed eval` and the compressors do not run on it."),
         "",
         "| modality | family | accuracy % | chance % |",
         "|---|---|---|---|",
