@@ -24,6 +24,9 @@ G = IMAGE_SIZE // CELL
 QWEN_GRID = Size(image_size=448, video_size=336, patch_size=14, merge_size=2, vision_hidden=32, vision_layers=1,
                  vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, mlp_ratio=2)
 
+AUDIO_SMALL = Size(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2,
+                   text_kv_heads=1, mlp_ratio=2)
+
 
 @pytest.fixture(scope="module")
 def qwen():
@@ -81,6 +84,22 @@ def test_qwen_grid_inputs_equal_the_stock_forward(qwen) -> None:
         grid_inputs(torch.nn.Linear(2, 2), batch)
 
 
+def test_audio_grid_tokens_are_the_projected_features_the_model_receives() -> None:
+    torch.set_num_threads(1)
+    model, processor = get_spec("testbed-audio").build(AUDIO_SMALL, 0)
+    model.eval()
+    batch = encode_items(processor, list(dataset("audio", "train", 2, form="mixed")))
+    grid = grid_inputs(model, batch)
+    n = int((batch["input_ids"][0] == model.config.audio_token_id).sum())
+    with torch.no_grad(), grid.capturing():
+        got = model(**grid.inputs, output_hidden_states=True)
+    assert grid.tokens["audio"].shape == (2, n, 32)
+    audio = batch["input_ids"] == model.config.audio_token_id
+    # the captured tokens are the embeddings the language model got at the audio positions
+    assert torch.allclose(got.hidden_states[0][audio], grid.tokens["audio"].reshape(-1, 32))
+    assert (grid.cells[audio] == torch.arange(n).repeat(2)).all() and (grid.cells[~audio] == -1).all()
+
+
 def test_per_row_places_each_media_s_labels_on_its_rows() -> None:
     labels = batch_labels(list(dataset("image", "train", 2, form="mixed")), CELL)
     grid = GridBatch({}, {}, torch.zeros(4, 1), {"image": torch.tensor([False, True, False, True]),
@@ -96,13 +115,21 @@ def test_per_row_places_each_media_s_labels_on_its_rows() -> None:
         grid.per_row({"image": labels, "video": video[..., :3]})
 
 
-def test_qwen_dense_training_lowers_the_probe_loss(tmp_path) -> None:
-    torch.set_num_threads(1)
-    args = dict(size=QWEN_GRID, steps=6, batch_size=4, lr=1e-2, warmup=0, seed=0, eval_every=0, dense_weight=1.0,
+def _dense_args(size):
+    return dict(size=size, steps=6, batch_size=4, lr=1e-2, warmup=0, seed=0, eval_every=0, dense_weight=1.0,
                 attention_weight=1.0, curriculum=0.0, log=lambda s: None)
-    run = train("testbed-qwen2vl", work_dir=tmp_path / "q", **args)
+
+
+@pytest.mark.parametrize("name", ["testbed-qwen2vl", "testbed-audio"])
+def test_dense_training_lowers_the_probe_loss(tmp_path, name) -> None:
+    torch.set_num_threads(1)
+    run = train(name, work_dir=tmp_path / "run", **_dense_args(QWEN_GRID if name == "testbed-qwen2vl" else AUDIO_SMALL))
     dense = run["dense_losses"]
     assert len(dense) == 6 and all(np.isfinite(dense)) and dense[-1] < dense[0]
+
+
+def test_qwen_dense_training_refuses_the_curriculum_and_off_grid_sizes(tmp_path) -> None:
+    args = _dense_args(QWEN_GRID)
     with pytest.raises(ValueError, match="curriculum"):
         train("testbed-qwen2vl", work_dir=tmp_path / "c", **{**args, "curriculum": 0.5})
     with pytest.raises(ValueError, match="layout cell"):

@@ -92,7 +92,7 @@ def keep_mask(dense_labels: torch.Tensor, share: float, generator: torch.Generat
     """``[B, N]`` bool: every content cell, and each background cell with probability ``share``.
 
     Args:
-        dense_labels: ``[B, N, 3]`` cell targets (:func:`mmtok.testbed.dense.batch_labels`); a cell is content
+        dense_labels: ``[B, N, >= 2]`` cell targets (:func:`mmtok.testbed.dense.batch_labels`; colour and shape first); a cell is content
             when its colour or shape class is not "none".
         share: probability of keeping a background cell.
         generator: a seeded CPU generator (the draw is a pure function of the run's seed and step).

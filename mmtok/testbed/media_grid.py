@@ -72,6 +72,8 @@ class GridBatch:
         cells: ``[B, L]`` long, the index of each media position of the sequence within its media's tokens
             (``0..N-1``), -1 elsewhere.
         rows: per modality, ``[B]`` bool, the rows holding that media (filled in order).
+        capture: the module whose output is the audio tokens (Qwen2-Audio's projector), hooked by
+            :meth:`capturing`; None when :attr:`tokens` is complete already.
     """
 
     tokens: dict[str, torch.Tensor]

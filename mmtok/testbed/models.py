@@ -241,7 +241,7 @@ SPECS: dict[str, TestbedSpec] = {
                          text_kv_heads=1, mlp_ratio=2),
         },
         # Dense probe, relevance and attention supervision on the image rows (16 x 16 merged tokens = the
-        # layout grid, mmtok.testbed.visual_grid); no curriculum (it rebuilds 1-D positions only).
+        # layout grid, mmtok.testbed.media_grid); no curriculum (it rebuilds 1-D positions only).
         train_defaults={"steps": 800, "batch_size": 8, "lr": 1.5e-3, "warmup": 50, "weight_decay": 0.01,
                         "dense_weight": 1.0, "curriculum": 0.0, "attention_weight": 1.0},
     ),

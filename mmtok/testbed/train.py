@@ -218,9 +218,9 @@ def train(
         workers: ``DataLoader`` worker processes making batches (0: in the training process, which keeps
             both cores of a small CPU machine for compute; use several on a GPU machine).
         dense_weight: weight of the per-visual-token probe loss (:mod:`mmtok.testbed.dense`) added to the
-            answer loss; the spec's default when None; 0 turns it off. Only models with one image token
-            per layout cell of the scenes take it (:mod:`mmtok.testbed.visual_grid`: the shipped Llava and
-            Qwen2-VL sizes; Qwen2-VL's video rows get the answer loss only).
+            answer loss; the spec's default when None; 0 turns it off. Only models whose media tokens each
+            cover one cell of the scenes take it (:mod:`mmtok.testbed.media_grid`: the shipped sizes of all
+            three testbeds; image, video and audio rows each get their own targets).
         curriculum: share of the steps over which background visual tokens are phased in
             (:mod:`mmtok.testbed.curriculum`); the spec's default when None; 0 trains on whole images
             throughout. Needs ``dense_weight > 0`` and a Llava model.
@@ -328,7 +328,7 @@ def train(
                     dense=bool(probes),
                     item_offset=settings.get("init_from", {"items": 0})["items"]),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
-    hardware = describe_hardware(model)
+    history["hardware"] = describe_hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
         batch = _to(batch, _device(model))
         labels = {m: batch.pop(f"dense_labels_{m}") for m in MEDIA if f"dense_labels_{m}" in batch}
@@ -361,7 +361,6 @@ def train(
         opt.zero_grad(set_to_none=True)
         history["losses"].append(loss.item())
         history["seconds"] = time.perf_counter() - t0
-        history["hardware"] = hardware
         rec: dict[str, Any] = {"step": step + 1, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0],
                                "seconds": round(history["seconds"], 1)}
         if dense is not None:
