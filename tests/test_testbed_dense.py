@@ -14,13 +14,18 @@ from mmtok.testbed.data.images import CELL, IMAGE_SIZE  # noqa: E402
 from mmtok.testbed.dense import (  # noqa: E402
     CHAR_CLASSES,
     COLOUR_CLASSES,
+    HORIZONTAL_CLASSES,
+    IMAGE_HEADS,
     SHAPE_CLASSES,
     TEMPERATURE,
+    VERTICAL_CLASSES,
     DenseProbe,
+    answer_order,
     attention_loss,
     batch_labels,
     cell_labels,
     class_word_ids,
+    half_labels,
     key_cells,
     relevance_loss,
 )
@@ -81,7 +86,7 @@ def test_cell_labels_known_answer() -> None:
 def test_labels_of_generated_items_match_their_objects() -> None:
     items = list(dataset("image", "train", 16, form="mixed"))
     labels = batch_labels(items, CELL)
-    assert labels.shape == (16, G * G, 5)
+    assert labels.shape == (16, G * G, 7)
     for it, lab in zip(items, labels, strict=True):
         covered = 0
         for o in it.scene["objects"]:
@@ -93,11 +98,41 @@ def test_labels_of_generated_items_match_their_objects() -> None:
             text = it.scene["label"]["text"]
             assert "".join(CHAR_CLASSES[i] for i in lab[:, 2].tolist() if i) == text
             # answer word i reads the cell marked i: the label's characters in reading order
-            marked = sorted((int(w), CHAR_CLASSES[int(c)]) for w, c in zip(lab[:, 4], lab[:, 2], strict=True) if w)
+            marked = sorted((int(w), CHAR_CLASSES[int(c)]) for w, c in zip(lab[:, 6], lab[:, 2], strict=True) if w)
             assert [w for w, _ in marked] == list(range(1, len(text) + 1))
             assert "".join(c for _, c in marked) == text
-        else:
-            assert int(lab[:, 4].abs().sum()) == 0
+        elif it.family != "relation":
+            assert int(lab[:, 6].abs().sum()) == 0
+        assert (lab[:, 3:5] == half_labels(G)).all()
+
+
+def test_half_labels_known_answer() -> None:
+    halves = half_labels(4).reshape(4, 4, 2)
+    vertical = [[VERTICAL_CLASSES[i] for i in row] for row in halves[..., 0].tolist()]
+    horizontal = [[HORIZONTAL_CLASSES[i] for i in row] for row in halves[..., 1].tolist()]
+    assert vertical == [["top"] * 4] * 2 + [["bottom"] * 4] * 2
+    assert horizontal == [["left", "left", "right", "right"]] * 4
+    assert IMAGE_HEADS[-2:] == (VERTICAL_CLASSES, HORIZONTAL_CLASSES)
+    with pytest.raises(ValueError, match="even"):
+        half_labels(5)
+
+
+@pytest.mark.parametrize(("relation", "answer"), [("left", "a"), ("right", "b"), ("higher", "b"), ("lower", "a")])
+def test_relation_answer_order_marks_the_object_that_answers(relation: str, answer: str) -> None:
+    a, b = [2, 44, 19, 61], [65, 2, 82, 19]  # a: cell (x 0, y 2), left and lower; b: cell (x 3, y 0)
+    scene = {"size": 84, "objects": [], "query": {"relation": relation, "key": [a, b]}}
+    order = answer_order(scene, 21).reshape(4, 4)
+    want = torch.zeros(4, 4, dtype=torch.long)
+    want[(2, 0) if answer == "a" else (0, 3)] = 1
+    assert (order == want).all()
+
+
+def test_relation_items_mark_the_object_their_answer_names() -> None:
+    items = list(dataset("image", "train", 24, families=["relation"], form="short"))
+    for it, lab in zip(items, batch_labels(items, CELL), strict=True):
+        marked = (lab[:, 6] == 1).nonzero()[:, 0]
+        named = {(COLOUR_CLASSES[int(lab[c, 0])], SHAPE_CLASSES[int(lab[c, 1])]) for c in marked}
+        assert len(marked) >= 1 and named == {tuple(it.answer.split())}, it.answer
 
 
 def test_probe_loss_is_the_three_cross_entropies() -> None:

@@ -104,12 +104,13 @@ def test_per_row_places_each_media_s_labels_on_its_rows() -> None:
     labels = batch_labels(list(dataset("image", "train", 2, form="mixed")), CELL)
     grid = GridBatch({}, {}, torch.zeros(4, 1), {"image": torch.tensor([False, True, False, True]),
                                                  "video": torch.tensor([True, False, False, False])})
-    key = grid.per_row({"image": labels[..., 3]})
-    assert key.shape == (4, G * G) and (key[1] == labels[0, :, 3]).all() and (key[3] == labels[1, :, 3]).all()
+    key = grid.per_row({"image": labels[..., -2]})
+    assert key.shape == (4, G * G) and (key[1] == labels[0, :, -2]).all() and (key[3] == labels[1, :, -2]).all()
     assert int(key[0].abs().sum()) == 0 and int(key[2].abs().sum()) == 0
-    video = torch.ones(1, 3 * G * G, 5, dtype=torch.long)
+    columns = labels.shape[-1]
+    video = torch.ones(1, 3 * G * G, columns, dtype=torch.long)
     both = grid.per_row({"image": labels, "video": video})
-    assert both.shape == (4, 3 * G * G, 5) and int(both[0].sum()) == 3 * G * G * 5
+    assert both.shape == (4, 3 * G * G, columns) and int(both[0].sum()) == 3 * G * G * columns
     assert (both[1, :G * G] == labels[0]).all() and int(both[1, G * G:].abs().sum()) == 0
     with pytest.raises(ValueError, match="columns"):
         grid.per_row({"image": labels, "video": video[..., :3]})

@@ -61,7 +61,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         f"- reproduce: `mmtok testbed train {spec.name} --steps {settings['steps']} "
         f"--batch-size {settings['batch_size']} --lr {settings['lr']} --seed {settings['seed']} "
         f"--warmup {settings['warmup']} --dense-weight {settings.get('dense_weight', 0.0)} "
-        f"--curriculum {settings.get('curriculum', 0.0)} --attention-weight {settings.get('attention_weight', 0.0)}`"
+        f"--curriculum {settings.get('curriculum', 0.0)} --attention-weight {settings.get('attention_weight', 0.0)} "
+        f"--position-code {settings.get('position_code', 0.0)}`"
         + (f", warm-started (`--init-from`) from step {settings['init_from']['step']} of "
            f"`{settings['init_from']['path']}`" if settings.get("init_from") else "")
         + ("" if len(losses) >= settings["steps"] else
@@ -92,28 +93,30 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
     ])
 
 
+STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
+
+
 def stage(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's training stage, as the model card lists the stages a warm-started model went through."""
     st, hist = state["settings"], state["history"]
-    keys = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight")
-    return {"step": state["step"], **{k: st.get(k) for k in keys}, "minutes": round(hist["seconds"] / 60, 1),
+    return {"step": state["step"], **{k: st.get(k, 0.0) for k in STAGE_KEYS}, "minutes": round(hist["seconds"] / 60, 1),
             "hardware": hist.get("hardware", "not recorded")}
 
 
 def lineage_rows(settings: dict[str, Any], history: dict[str, Any], hardware: str) -> list[str]:
     """The card's table of training stages: each warm-start source (oldest first), then this run."""
     stages = [*(settings.get("init_from") or {}).get("lineage", []),
-              {"step": len(history["losses"]), **{k: settings.get(k) for k in ("steps", "batch_size", "lr",
-               "dense_weight", "curriculum", "attention_weight")}, "minutes": round(history["seconds"] / 60, 1),
+              {"step": len(history["losses"]), **{k: settings.get(k, 0.0) for k in STAGE_KEYS}, "minutes": round(history["seconds"] / 60, 1),
                "hardware": hardware}]
     if len(stages) == 1:
         return []
     rows = [f"| {i + 1} | {s['step']} of {s['steps']} x {s['batch_size']} | {s['lr']} | {s['dense_weight']} / "
-            f"{s['curriculum']} / {s['attention_weight']} | {s['minutes']} | {s['hardware']} |"
+            f"{s['curriculum']} / {s['attention_weight']} | {s.get('position_code', 0.0)} | {s['minutes']} | "
+            f"{s['hardware']} |"
             for i, s in enumerate(stages)]
     return ["", "Stages (each warm-started from the one before, with a fresh schedule; the data continues):", "",
-            "| stage | steps x batch | lr | dense / curriculum / attention | minutes | hardware |",
-            "|---|---|---|---|---|---|", *rows]
+            "| stage | steps x batch | lr | dense / curriculum / attention | position code | minutes | hardware |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def describe_hardware(model: Any) -> str:

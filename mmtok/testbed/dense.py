@@ -28,6 +28,10 @@ COLOUR_CLASSES = ("none", *COLOUR_NAMES)
 SHAPE_CLASSES = ("none", *SHAPES, "box", "label")
 CHAR_CLASSES = ("none", *ALPHABET)
 VISUAL_HEADS = (COLOUR_CLASSES, SHAPE_CLASSES, CHAR_CLASSES)  # the probe heads of image and video tokens
+VERTICAL_CLASSES = ("top", "bottom")
+HORIZONTAL_CLASSES = ("left", "right")
+# Image tokens also name the half of the image they lie in, in the words of the position questions.
+IMAGE_HEADS = (*VISUAL_HEADS, VERTICAL_CLASSES, HORIZONTAL_CLASSES)
 IGNORE = -100
 TEMPERATURE = 10.0  # cosine logits in [-10, 10]: confident enough for a near-zero loss, bounded norms
 
@@ -81,6 +85,26 @@ def cell_labels(scene: dict[str, Any], cell: int) -> torch.Tensor:
     return out.reshape(g * g, 3)
 
 
+def half_labels(g: int) -> torch.Tensor:
+    """``[G * G, 2]`` long, row-major: each cell's half of the image (:data:`VERTICAL_CLASSES`, :data:`HORIZONTAL_CLASSES`).
+
+    A cell of the top half is "top" (0), of the left half "left" (0); ``G`` is even on every testbed grid,
+    so no cell straddles a half. These are the words of the position questions ("the ... in the top left
+    quadrant"): with them each visual token says where it is in words the language model reads, as the other
+    heads make it say what is there. Without them the shipped model of session 4 found the named quadrant's
+    object about half the time (its attention mass on it: 0.53). The tokens can only learn them once the
+    vision tower codes positions at a readable size (:mod:`mmtok.testbed.position_code`).
+
+    Raises:
+        ValueError: ``g`` is odd.
+    """
+    if g % 2:
+        raise ValueError(f"the grid side must be even to split it in halves, got {g}")
+    rows = torch.arange(g)[:, None].expand(g, g)
+    cols = torch.arange(g)[None, :].expand(g, g)
+    return torch.stack([(rows >= g // 2).long(), (cols >= g // 2).long()], -1).reshape(g * g, 2)
+
+
 def key_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
     """``[G * G]`` long: 1 on the cells under the scene's key boxes (``scene["query"]["key"]``), else 0.
 
@@ -99,10 +123,21 @@ def answer_order(scene: dict[str, Any], cell: int) -> torch.Tensor:
     """``[G * G]`` long: ``i`` on the cell of the label's ``i``-th character (1-based), else 0.
 
     A "read" answer is the label's characters in order, one answer word each, so answer word ``i`` has one
-    cell to read: the one this marks ``i``. Scenes without a label are all 0.
+    cell to read: the one this marks ``i``. A "relation" answer names one of the two compared objects (the
+    scene's two key boxes), so its first word reads the cells of that object, marked 1: supervising it toward
+    both, as the key flags do, taught the model to find the pair but not to choose (session 4's model put
+    0.9 of its mass on the pair, 0.11 on the answer). Other scenes are all 0.
     """
     g = scene["size"] // cell
     out = torch.zeros(g, g, dtype=torch.long)
+    query = scene["query"]
+    if "relation" in query:
+        axis = 0 if query["relation"] in ("left", "right") else 1
+        a, b = query["key"]
+        centre_a, centre_b = a[axis] + a[axis + 2], b[axis] + b[axis + 2]
+        smaller = query["relation"] in ("left", "higher")  # image y grows downwards: higher = smaller y
+        x0, y0, x1, y1 = a if (centre_a < centre_b) == smaller else b
+        out[y0 // cell:(y1 - 1) // cell + 1, x0 // cell:(x1 - 1) // cell + 1] = 1
     if "label" in scene:
         label = scene["label"]
         pitch = label.get("pitch", cell)
@@ -113,13 +148,14 @@ def answer_order(scene: dict[str, Any], cell: int) -> torch.Tensor:
 
 
 def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
-    """``[n_images, G * G, 5]`` targets of the image items in ``items`` (other modalities are skipped).
+    """``[n_images, G * G, 7]`` targets of the image items in ``items`` (other modalities are skipped).
 
-    Columns: colour, shape and character classes (:func:`cell_labels`), the key flag (:func:`key_cells`) and
-    the answer word that reads the cell (:func:`answer_order`).
+    Columns: colour, shape and character classes (:func:`cell_labels`), the vertical and horizontal half
+    (:func:`half_labels`; the probe heads :data:`IMAGE_HEADS` read these five), the key flag
+    (:func:`key_cells`) and the answer word that reads the cell (:func:`answer_order`).
     """
-    rows = [torch.cat([cell_labels(it.scene, cell), key_cells(it.scene, cell)[:, None],
-                       answer_order(it.scene, cell)[:, None]], 1)
+    rows = [torch.cat([cell_labels(it.scene, cell), half_labels(it.scene["size"] // cell),
+                       key_cells(it.scene, cell)[:, None], answer_order(it.scene, cell)[:, None]], 1)
             for it in items if it.modality == "image"]
     if not rows:
         raise ValueError("batch_labels needs at least one image item")

@@ -222,9 +222,10 @@ SPECS: dict[str, TestbedSpec] = {
             "tiny": Size(image_size=56, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
                          text_layers=1, text_heads=2, text_kv_heads=1, mlp_ratio=2),
         },
-        # The shipped run: dense probe and easy-first curriculum (mmtok.testbed.dense / .curriculum).
+        # The shipped recipe: dense probe and easy-first curriculum (mmtok.testbed.dense / .curriculum), and
+        # the 2-D position code a from-scratch CLIP tower starts from (mmtok.testbed.position_code).
         train_defaults={"steps": 2400, "batch_size": 32, "lr": 2e-3, "warmup": 100, "weight_decay": 0.01,
-                        "dense_weight": 1.0, "curriculum": 0.4, "attention_weight": 1.0},
+                        "dense_weight": 1.0, "curriculum": 0.4, "attention_weight": 1.0, "position_code": 3.0},
     ),
     "testbed-qwen2vl": TestbedSpec(
         name="testbed-qwen2vl",

@@ -28,6 +28,7 @@ from mmtok.testbed.curriculum import background_share, keep_mask
 from mmtok.testbed.data import HELDOUT_SPLIT, dataset, families, item
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import (
+    IMAGE_HEADS,
     VISUAL_HEADS,
     DenseProbe,
     attention_loss,
@@ -39,6 +40,7 @@ from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_video import video_batch_labels
 from mmtok.testbed.media_grid import MEDIA, grid_inputs, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
+from mmtok.testbed.position_code import add_position_code
 
 ROOT = Path(__file__).resolve().parents[2]
 # The relevance marks are read out after the first language-model layer (through the final norm and the tied
@@ -188,6 +190,7 @@ def train(
     dense_weight: float | None = None,
     curriculum: float | None = None,
     attention_weight: float | None = None,
+    position_code: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -227,6 +230,10 @@ def train(
         attention_weight: weight of the attention supervision (:func:`mmtok.testbed.dense.attention_loss`)
             inside the dense loss; the spec's default when None. Trains with eager attention (the only
             implementation that returns attention probabilities); the model goes back to SDPA afterwards.
+        position_code: amplitude of the 2-D sine-cosine code added to a Llava model's CLIP position
+            embeddings when the run starts (:mod:`mmtok.testbed.position_code`; 0: none). None takes the
+            spec's default for a run of the shipped size from scratch, and 0 for other sizes and for a warm
+            start (whose weights have theirs already).
         log: where progress lines go.
 
     Returns:
@@ -244,6 +251,8 @@ def train(
         "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
         "dense_weight": dense_weight, "curriculum": curriculum,
         "attention_weight": attention_weight,
+        "position_code": (d.get("position_code", 0.0) if init_from is None and size == "full" else 0.0)
+        if position_code is None else position_code,
     }
     warm = None
     if init_from is not None:
@@ -291,7 +300,7 @@ def train(
             raise ValueError("the background curriculum drops tokens of Llava models only: use curriculum=0")
         words = model.get_input_embeddings()
         for media in spec.modalities:
-            heads = AUDIO_HEADS if media == "audio" else VISUAL_HEADS
+            heads = {"image": IMAGE_HEADS, "video": VISUAL_HEADS, "audio": AUDIO_HEADS}[media]
             probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads).to(_device(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
     params = list(model.parameters())
@@ -304,6 +313,8 @@ def train(
     if warm is not None:
         model.load_state_dict(warm["model"])
         log(f"warm start of {name} from step {warm['step']} of {settings['init_from']['path']}")
+    if settings["position_code"] > 0:  # before a resume, which loads weights that have it already
+        add_position_code(model, settings["position_code"])
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False, map_location=_device(model))
         if state["settings"] != settings:
