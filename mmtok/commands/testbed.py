@@ -52,6 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--position-code", type=float,
                    help="amplitude of the 2-D sine-cosine code added to a Llava model's CLIP position embeddings "
                         "at the start (spec default from scratch, 0 for a warm start; 0: none)")
+    t.add_argument("--init-lm-from",
+                   help="an exported testbed directory whose language model starts this one (e.g. assets/testbed-llava)")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -106,7 +108,8 @@ def run_train(args: argparse.Namespace) -> int:
           work_dir=args.work_dir, out=out, resume=args.resume, eval_every=args.eval_every, eval_n=args.eval_n,
           threads=args.threads, device=args.device, workers=args.workers, dense_weight=args.dense_weight,
           curriculum=args.curriculum, init_from=args.init_from, warmup=args.warmup,
-          attention_weight=args.attention_weight, position_code=args.position_code, until=args.until,
+          attention_weight=args.attention_weight, position_code=args.position_code, init_lm_from=args.init_lm_from,
+          until=args.until,
           ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

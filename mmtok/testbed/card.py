@@ -65,6 +65,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         f"--position-code {settings.get('position_code', 0.0)}`"
         + (f", warm-started (`--init-from`) from step {settings['init_from']['step']} of "
            f"`{settings['init_from']['path']}`" if settings.get("init_from") else "")
+        + (f", language model from `{settings['init_lm_from']}` (`--init-lm-from`)"
+           if settings.get("init_lm_from") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
            f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "

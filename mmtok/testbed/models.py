@@ -234,9 +234,10 @@ SPECS: dict[str, TestbedSpec] = {
         builder=build_qwen2vl,
         sizes={
             # 448 px images: 32 x 32 patches -> 256 tokens; 16 frames at 336 px: 8 x 12 x 12 = 1,152 tokens.
+            # The language model has testbed-llava's shape, so it can start from it (mmtok.testbed.transfer).
             "full": Size(image_size=448, video_size=336, patch_size=14, merge_size=2, vision_hidden=96,
-                         vision_layers=2, vision_heads=2, text_hidden=128, text_layers=3, text_heads=2,
-                         text_kv_heads=1),
+                         vision_layers=2, vision_heads=2, text_hidden=128, text_layers=3, text_heads=4,
+                         text_kv_heads=2),
             "tiny": Size(image_size=56, video_size=56, patch_size=14, merge_size=2, vision_hidden=32,
                          vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2,
                          text_kv_heads=1, mlp_ratio=2),

@@ -136,6 +136,9 @@ def build_qwen2vl(size: Size, seed: int = 0) -> tuple[Any, Any]:
         vocab_size=len(tok), hidden_size=size.text_hidden, intermediate_size=size.text_hidden * size.mlp_ratio,
         num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads,
         num_key_value_heads=size.text_kv_heads, max_position_embeddings=2048, **special,
+        # Llama's epsilon (testbed-llava's), so a language model started from it computes the same
+        # (mmtok.testbed.transfer); Qwen2's default is 1e-5.
+        rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "mrope_section": _mrope_section(size.text_hidden // size.text_heads)},
     )

@@ -41,6 +41,7 @@ from mmtok.testbed.dense_video import video_batch_labels
 from mmtok.testbed.media_grid import MEDIA, grid_inputs, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
+from mmtok.testbed.transfer import transfer_language_model
 
 ROOT = Path(__file__).resolve().parents[2]
 # The relevance marks are read out after the first language-model layer (through the final norm and the tied
@@ -191,6 +192,7 @@ def train(
     curriculum: float | None = None,
     attention_weight: float | None = None,
     position_code: float | None = None,
+    init_lm_from: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -234,6 +236,8 @@ def train(
             embeddings when the run starts (:mod:`mmtok.testbed.position_code`; 0: none). None takes the
             spec's default for a run of the shipped size from scratch, and 0 for other sizes and for a warm
             start (whose weights have theirs already).
+        init_lm_from: an exported testbed directory (e.g. ``assets/testbed-llava``) whose language model
+            starts this one (:func:`mmtok.testbed.transfer.transfer_language_model`); not with ``init_from``.
         log: where progress lines go.
 
     Returns:
@@ -254,6 +258,11 @@ def train(
         "position_code": (d.get("position_code", 0.0) if init_from is None and size == "full" else 0.0)
         if position_code is None else position_code,
     }
+    if init_lm_from is not None:
+        if init_from is not None:
+            raise ValueError("init_lm_from starts a language model from another testbed; a warm start "
+                             "(init_from) takes every weight from its checkpoint: use one of the two")
+        settings["init_lm_from"] = str(init_lm_from)
     warm = None
     if init_from is not None:
         source = Path(init_from)
@@ -266,6 +275,9 @@ def train(
                                  "items": before["items"] + warm["step"] * warm["settings"]["batch_size"],
                                  "lineage": [*before.get("lineage", []), stage(warm)]}
     model, processor = spec.build(size, seed)
+    if init_lm_from is not None:
+        moved = transfer_language_model(model, processor.tokenizer, init_lm_from)
+        log(f"language model of {name} from {init_lm_from}: {moved}")
     shape = spec.sizes[size] if isinstance(size, str) else size
     grid_ok = on_layout_grid(model, shape)
     if dense_weight is None or curriculum is None:
