@@ -66,3 +66,14 @@ def test_training_adds_the_code_once_and_warm_starts_do_not_add_it_again(tmp_pat
     assert warm["settings"]["position_code"] == 0.0
     c, d = (r["model"].model.vision_tower.embeddings.position_embedding.weight for r in (trained, warm))
     assert torch.equal(c, d)
+
+
+def test_a_warm_start_of_the_shipped_size_adds_no_code_and_no_curriculum(tmp_path) -> None:
+    torch.set_num_threads(1)
+    args = dict(size="full", batch_size=1, lr=1e-4, warmup=0, seed=0, eval_every=0, log=lambda s: None)
+    fresh = train("testbed-llava", work_dir=tmp_path / "fresh", steps=1, **args)
+    spec = get_spec("testbed-llava").train_defaults
+    assert fresh["settings"]["position_code"] == spec["position_code"] > 0
+    assert fresh["settings"]["curriculum"] == spec["curriculum"] > 0
+    warm = train("testbed-llava", work_dir=tmp_path / "warm", steps=1, until=0, init_from=tmp_path / "fresh", **args)
+    assert warm["settings"]["position_code"] == 0.0 and warm["settings"]["curriculum"] == 0.0

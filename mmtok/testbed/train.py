@@ -227,8 +227,8 @@ def train(
             cover one cell of the scenes take it (:mod:`mmtok.testbed.media_grid`: the shipped sizes of all
             three testbeds; image, video and audio rows each get their own targets).
         curriculum: share of the steps over which background visual tokens are phased in
-            (:mod:`mmtok.testbed.curriculum`); the spec's default when None; 0 trains on whole images
-            throughout. Needs ``dense_weight > 0`` and a Llava model.
+            (:mod:`mmtok.testbed.curriculum`); the spec's default when None (0 for a warm start); 0 trains on
+            whole images throughout. Needs ``dense_weight > 0`` and a Llava model.
         attention_weight: weight of the attention supervision (:func:`mmtok.testbed.dense.attention_loss`)
             inside the dense loss; the spec's default when None. Trains with eager attention (the only
             implementation that returns attention probabilities); the model goes back to SDPA afterwards.
@@ -287,7 +287,9 @@ def train(
         if dense_weight is None:
             settings["dense_weight"] = d.get("dense_weight", 0.0) if shipped else 0.0
         if curriculum is None:
-            settings["curriculum"] = d.get("curriculum", 0.0) if shipped and settings["dense_weight"] > 0 else 0.0
+            # Easy-first is for a model that cannot read its images yet: a warm start has learned to.
+            fresh = shipped and settings["dense_weight"] > 0 and init_from is None
+            settings["curriculum"] = d.get("curriculum", 0.0) if fresh else 0.0
     if attention_weight is None:
         settings["attention_weight"] = d.get("attention_weight", 0.0) if settings["dense_weight"] > 0 else 0.0
     if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
