@@ -109,8 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
           threads=args.threads, device=args.device, workers=args.workers, dense_weight=args.dense_weight,
           curriculum=args.curriculum, init_from=args.init_from, warmup=args.warmup,
           attention_weight=args.attention_weight, position_code=args.position_code, init_lm_from=args.init_lm_from,
-          until=args.until,
-          ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
+          until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 
 

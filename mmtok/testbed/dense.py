@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mmtok.testbed.data.images import relation_winner
 from mmtok.testbed.data.items import ALPHABET, COLOUR_NAMES, SHAPES, QAItem
 
 COLOUR_CLASSES = ("none", *COLOUR_NAMES)
@@ -132,11 +133,7 @@ def answer_order(scene: dict[str, Any], cell: int) -> torch.Tensor:
     out = torch.zeros(g, g, dtype=torch.long)
     query = scene["query"]
     if "relation" in query:
-        axis = 0 if query["relation"] in ("left", "right") else 1
-        a, b = query["key"]
-        centre_a, centre_b = a[axis] + a[axis + 2], b[axis] + b[axis + 2]
-        smaller = query["relation"] in ("left", "higher")  # image y grows downwards: higher = smaller y
-        x0, y0, x1, y1 = a if (centre_a < centre_b) == smaller else b
+        x0, y0, x1, y1 = query["key"][relation_winner(query["relation"], *query["key"])]
         out[y0 // cell:(y1 - 1) // cell + 1, x0 // cell:(x1 - 1) // cell + 1] = 1
     if "label" in scene:
         label = scene["label"]

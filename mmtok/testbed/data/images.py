@@ -13,6 +13,7 @@ and the black box outline are the only non-grey pixels; objects never overlap an
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -274,6 +275,18 @@ def _position(rng: np.random.Generator) -> Draft:
     return Draft(_scene(rng, objects, query), question, answer, mc_choices(rng, answer, pool, hard=hard))
 
 
+def relation_winner(relation: str, a: Sequence[int], b: Sequence[int]) -> int:
+    """Which of boxes ``a`` (0) and ``b`` (1) is further ``relation`` ("left", "right", "higher", "lower").
+
+    Compares the boxes' centres on the relation's axis; image y grows downwards, so higher is smaller y.
+    The generator answers with it and the dense training targets (:func:`mmtok.testbed.dense.answer_order`)
+    mark the object it picks; :mod:`mmtok.testbed.data.check` recomputes answers independently.
+    """
+    axis = 0 if relation in ("left", "right") else 1
+    centre_a, centre_b = a[axis] + a[axis + 2], b[axis] + b[axis + 2]
+    return 0 if (centre_a < centre_b) == (relation in ("left", "higher")) else 1
+
+
 def _relation(rng: np.random.Generator) -> Draft:
     lay = _layout(rng)
     relation = pick(rng, ("left", "right", "higher", "lower"))
@@ -289,8 +302,7 @@ def _relation(rng: np.random.Generator) -> Draft:
         lay.boxes.pop()
     else:
         raise Retry
-    smaller_first = relation in ("left", "higher")  # image y grows downwards: higher = smaller y
-    answer = a_name if (ca < cb) == smaller_first else b_name
+    answer = (a_name, b_name)[relation_winner(relation, a["box"], b["box"])]
     first, second = (a_name, b_name) if rng.integers(2) else (b_name, a_name)
     others = _distractors(rng, lay, int(rng.integers(6, 11)), lambda c, s: f"{c} {s}" not in (a_name, b_name))
     lead = f"which is further {relation}" if axis == 0 else f"which is {relation}"
