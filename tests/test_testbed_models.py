@@ -105,6 +105,16 @@ def test_media_gain_is_zero_when_every_item_shows_the_same_media(tiny):
         media_gain(model, processor, items[:1])
 
 
+def test_media_gain_swaps_media_within_each_modality():
+    # Qwen2-VL batches mix images and videos; an image must never be handed a video's frames.
+    model, processor = get_spec("testbed-qwen2vl").build("tiny", seed=0)
+    images = list(dataset("image", HELDOUT_SPLIT, 2, form="mixed"))
+    videos = list(dataset("video", HELDOUT_SPLIT, 2, form="mixed"))
+    assert isinstance(media_gain(model, processor, images + videos), float)
+    with pytest.raises(ValueError, match="each modality"):
+        media_gain(model, processor, images + videos[:1])
+
+
 def test_lr_schedule_known_values():
     assert lr_factor(0, 100, 10) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10) == pytest.approx(1.0)

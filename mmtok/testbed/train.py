@@ -143,18 +143,24 @@ def media_gain(model: Any, processor: Any, items: list[Any]) -> float:
     """Answer loss with each item's media swapped for another item's, minus the loss with its own media.
 
     About 0 while a model answers from the question alone (the first phase of training from scratch);
-    it grows once the model reads its media. Swapping (a fixed cyclic shift of the batch) keeps the media
-    statistics, so the gap measures use of the item's own content, not of media in general.
+    it grows once the model reads its media. Swapping (a fixed cyclic shift among the items of each
+    modality, so an image is swapped for an image and a video for a video) keeps the media statistics, so
+    the gap measures use of the item's own content, not of media in general.
 
     Raises:
-        ValueError: fewer than two items.
+        ValueError: a modality with fewer than two items.
     """
-    if len(items) < 2:
-        raise ValueError("media_gain needs at least two items to swap their media")
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.modality, []).append(i)
+    if not groups or min(len(g) for g in groups.values()) < 2:
+        sizes = {m: len(g) for m, g in groups.items()}
+        raise ValueError(f"media_gain needs at least two items of each modality to swap their media, got {sizes}")
+    donor = {g[j]: g[j - 1] for g in groups.values() for j in range(len(g))}
     was_training = model.training
     model.eval()
     own = _to(encode_items(processor, items), _device(model))
-    swapped = _to(encode_items(processor, [replace(it, media=items[i - 1].media) for i, it in enumerate(items)]),
+    swapped = _to(encode_items(processor, [replace(it, media=items[donor[i]].media) for i, it in enumerate(items)]),
                   _device(model))
     gain = float(model(**swapped).loss) - float(model(**own).loss)
     model.train(was_training)
