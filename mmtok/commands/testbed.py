@@ -54,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "at the start (spec default from scratch, 0 for a warm start; 0: none)")
     t.add_argument("--init-lm-from",
                    help="an exported testbed directory whose language model starts this one (e.g. assets/testbed-llava)")
+    t.add_argument("--distill-from",
+                   help="an exported Llava testbed whose visual tokens the image tokens learn to match "
+                        "(e.g. assets/testbed-llava for testbed-qwen2vl)")
+    t.add_argument("--distill-weight", type=float, default=1.0, help="weight of that loss (default 1.0)")
+    t.add_argument("--modalities", nargs="+", choices=("image", "video", "audio"),
+                   help="train on these media only (default: all of the testbed's)")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -109,6 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
           threads=args.threads, device=args.device, workers=args.workers, dense_weight=args.dense_weight,
           curriculum=args.curriculum, init_from=args.init_from, warmup=args.warmup,
           attention_weight=args.attention_weight, position_code=args.position_code, init_lm_from=args.init_lm_from,
+          distill_from=args.distill_from, distill_weight=args.distill_weight, modalities=args.modalities,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from mmtok.testbed.dense import (
 )
 from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_video import video_batch_labels
+from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
 from mmtok.testbed.media_grid import MEDIA, grid_inputs, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
@@ -51,6 +52,9 @@ RELEVANCE_LAYER = 1
 # Attention supervision (dense.attention_loss) on the layer after the marks: its head 0 at the answer position.
 ATTEND_LAYER = 1
 FORM = "mixed"
+# Train-split scenes (of seed + 1, so not a batch the run trains on first) for fitting a Qwen2-VL merger's
+# output layer to the distillation teacher: 48 x 256 tokens for 385 x 128 unknowns.
+FIT_ITEMS = 48
 
 
 def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
@@ -106,10 +110,11 @@ class StepBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int,
-                 dense: bool = False, item_offset: int = 0) -> None:
+                 dense: bool = False, item_offset: int = 0, modalities: Sequence[str] | None = None,
+                 teacher_pixels: Callable[[list[Any]], torch.Tensor] | None = None) -> None:
         self.processor, self.seed, self.start, self.stop, self.dense = processor, seed, start, stop, dense
-        self.item_offset = item_offset
-        self.modalities = list(spec.modalities)
+        self.item_offset, self.teacher_pixels = item_offset, teacher_pixels
+        self.modalities = list(modalities or spec.modalities)
         self.per = max(1, batch_size // len(self.modalities))
 
     def __len__(self) -> int:
@@ -127,6 +132,8 @@ class StepBatches(torch.utils.data.Dataset):
                                 ("audio", audio_batch_labels)):
                 if media in present:
                     batch[f"dense_labels_{media}"] = make(items)
+        if self.teacher_pixels is not None:
+            batch["teacher_pixel_values"] = self.teacher_pixels([it.media for it in items if it.modality == "image"])
         return batch
 
 
@@ -199,6 +206,9 @@ def train(
     attention_weight: float | None = None,
     position_code: float | None = None,
     init_lm_from: str | Path | None = None,
+    distill_from: str | Path | None = None,
+    distill_weight: float = 1.0,
+    modalities: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -244,13 +254,21 @@ def train(
             start (whose weights have theirs already).
         init_lm_from: an exported testbed directory (e.g. ``assets/testbed-llava``) whose language model
             starts this one (:func:`mmtok.testbed.transfer.transfer_language_model`); not with ``init_from``.
+        distill_from: an exported Llava testbed directory whose visual tokens the model's image tokens are
+            regressed onto (:mod:`mmtok.testbed.distill`); needs ``dense_weight > 0`` (the grid tokens) and
+            image items in the batches.
+        distill_weight: weight of that loss, added to the answer and dense losses.
+        modalities: the media of the training batches, a subset of the spec's (all when None; e.g. images
+            only, whose rows are a quarter as long as Qwen2-VL's video rows). The held-out evaluation keeps
+            all of the spec's.
         log: where progress lines go.
 
     Returns:
         ``{"losses": [...], "evals": [{"step", "acc"}...], "model", "processor", "seconds", "settings"}``.
 
     Raises:
-        ValueError: an unknown name or size, or non-positive steps / batch size.
+        ValueError: an unknown name or size, non-positive steps / batch size, modalities the spec lacks, or
+            distillation without image batches, dense tokens or a matching teacher.
     """
     spec = get_spec(name)
     d = spec.train_defaults
@@ -269,6 +287,15 @@ def train(
             raise ValueError("init_lm_from starts a language model from another testbed; a warm start "
                              "(init_from) takes every weight from its checkpoint: use one of the two")
         settings["init_lm_from"] = str(init_lm_from)
+    if modalities is not None:
+        unknown = sorted(set(modalities) - set(spec.modalities))
+        if unknown or not modalities:
+            raise ValueError(f"{name} trains on {list(spec.modalities)} (or a subset), not {list(modalities)}")
+        settings["modalities"] = [m for m in spec.modalities if m in modalities]
+    if distill_from is not None:
+        if "image" not in settings.get("modalities", spec.modalities):
+            raise ValueError("distillation regresses image tokens: train on images (modalities with 'image')")
+        settings["distill_from"], settings["distill_weight"] = str(distill_from), float(distill_weight)
     warm = None
     if init_from is not None:
         source = Path(init_from)
@@ -323,6 +350,14 @@ def train(
             heads = {"image": IMAGE_HEADS, "video": VISUAL_HEADS, "audio": AUDIO_HEADS}[media]
             probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads).to(_device(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
+    teacher = None
+    if distill_from is not None:
+        if not probes:
+            raise ValueError("distillation reads the image tokens on the scenes' grid: use dense_weight > 0")
+        teacher = FeatureTeacher(distill_from, _device(model))
+        if teacher.hidden_size != model.config.text_config.hidden_size:
+            raise ValueError(f"the teacher's visual tokens are {teacher.hidden_size} wide, this model's language "
+                             f"model takes {model.config.text_config.hidden_size}")
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98), weight_decay=settings["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -335,6 +370,11 @@ def train(
         log(f"warm start of {name} from step {warm['step']} of {settings['init_from']['path']}")
     if settings["position_code"] > 0:  # before a resume, which loads weights that have it already
         add_position_code(model, settings["position_code"])
+    if teacher is not None and model_kind(model) == "qwen2vl":  # likewise: a resume loads the fitted weights
+        fit = fit_output_layer(model, processor, teacher,
+                               list(dataset("image", "train", FIT_ITEMS, seed + 1, form=FORM)))
+        log(f"merger output layer fitted to {teacher.source} on {FIT_ITEMS} images: distillation loss "
+            f"{fit['before']:.4f} -> {fit['after']:.4f}")
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False, map_location=_device(model))
         if state["settings"] != settings:
@@ -357,12 +397,16 @@ def train(
     batches = torch.utils.data.DataLoader(
         StepBatches(spec, processor, settings["batch_size"], seed, start_step, max(start_step, stop),
                     dense=bool(probes),
-                    item_offset=settings.get("init_from", {"items": 0})["items"]),
+                    item_offset=settings.get("init_from", {"items": 0})["items"],
+                    modalities=settings.get("modalities"),
+                    teacher_pixels=teacher.pixels if teacher is not None else None),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     history["hardware"] = describe_hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
         batch = _to(batch, _device(model))
         labels = {m: batch.pop(f"dense_labels_{m}") for m in MEDIA if f"dense_labels_{m}" in batch}
+        teacher_pixels = batch.pop("teacher_pixel_values", None)
+        distill = None
         share = background_share(step, settings["steps"], settings["curriculum"])
         if probes:
             keep = (keep_mask(labels["image"], share, torch.Generator().manual_seed(seed * 1_000_003 + step))
@@ -381,7 +425,11 @@ def train(
                 dense = dense + settings["attention_weight"] * attention_loss(
                     outputs.attentions[ATTEND_LAYER], grid.inputs["labels"], grid.cells, targets[..., 0],
                     targets[..., 1])
-            (loss + settings["dense_weight"] * dense).backward()
+            total = loss + settings["dense_weight"] * dense
+            if teacher is not None:
+                distill = feature_distill_loss(grid.tokens["image"], teacher.tokens(teacher_pixels))
+                total = total + settings["distill_weight"] * distill
+            total.backward()
         else:
             dense = None
             loss = model(**batch).loss
@@ -397,6 +445,9 @@ def train(
         if dense is not None:
             history.setdefault("dense_losses", []).append(dense.item())
             rec["dense_loss"] = round(dense.item(), 4)
+        if distill is not None:
+            history.setdefault("distill_losses", []).append(distill.item())
+            rec["distill_loss"] = round(distill.item(), 4)
         last = step + 1 == settings["steps"]
         if eval_every and ((step + 1) % eval_every == 0 or last):
             acc = heldout_accuracy(model, processor, heldout)

@@ -1,0 +1,117 @@
+"""Feature distillation of a testbed's image tokens from a trained Llava testbed (mmtok.testbed.distill)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mmtok.testbed.data import dataset  # noqa: E402
+from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer  # noqa: E402
+from mmtok.testbed.media_grid import grid_inputs  # noqa: E402
+from mmtok.testbed.models import encode_items, get_spec  # noqa: E402
+from mmtok.testbed.train import FIT_ITEMS, StepBatches, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAVA = ROOT / "assets" / "testbed-llava"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return FeatureTeacher(LLAVA)
+
+
+def test_distill_loss_known_values():
+    teacher = torch.tensor([[[3.0, 4.0], [0.0, 5.0]]])  # mean squared norm 25
+    assert float(feature_distill_loss(teacher.clone(), teacher)) == 0.0
+    assert float(feature_distill_loss(torch.zeros_like(teacher), teacher)) == pytest.approx(1.0)
+    student = torch.tensor([[[0.0, 4.0], [0.0, 5.0]]])  # squared errors 9 and 0
+    assert float(feature_distill_loss(student, teacher)) == pytest.approx(4.5 / 25)
+    with pytest.raises(ValueError, match="same grid"):
+        feature_distill_loss(torch.zeros(1, 3, 2), teacher)
+
+
+def test_teacher_gives_the_tokens_its_language_model_reads(teacher):
+    from mmtok.testbed.curriculum import image_features
+
+    items = list(dataset("image", "train", 2, form="mixed"))
+    tokens = teacher.tokens(teacher.pixels([it.media for it in items]))
+    assert tokens.shape == (2, 256, teacher.hidden_size)
+    # The very tensors the stock processor + forward path build for the teacher's own prompts.
+    from mmtok.loading import load
+
+    model, processor = load(LLAVA, dtype=torch.float32)
+    batch = encode_items(processor, items)
+    with torch.no_grad():
+        assert torch.allclose(image_features(model.eval(), batch["pixel_values"]), tokens, atol=1e-5)
+
+
+def test_teacher_must_be_a_llava_testbed():
+    with pytest.raises(ValueError, match="Llava"):
+        FeatureTeacher(ROOT / "assets" / "testbed-audio")
+
+
+def test_output_layer_fit_is_the_least_squares_optimum(teacher):
+    spec = get_spec("testbed-qwen2vl")
+    model, processor = spec.build("full", seed=0)
+    items = list(dataset("image", "train", 6, form="mixed"))
+    fit = fit_output_layer(model, processor, teacher, items, ridge=1e-9)
+    assert fit["after"] < 0.5 * fit["before"]
+    # At the optimum the loss has no gradient along the fitted layer's weights.
+    layer = model.model.visual.merger.mlp[-1]
+    batch = encode_items(processor, items)
+    target = teacher.tokens(teacher.pixels([it.media for it in items]))
+    loss = feature_distill_loss(grid_inputs(model, batch).tokens["image"], target)
+    weight_grad, = torch.autograd.grad(loss, [layer.weight])
+    assert float(loss.detach()) == pytest.approx(fit["after"], rel=1e-4)
+    assert float(weight_grad.norm()) < 1e-3 * float(layer.weight.norm())
+    with pytest.raises(ValueError, match="Qwen2-VL"):
+        fit_output_layer(teacher.model, processor, teacher, items)
+
+
+def test_training_batches_carry_the_teacher_pixels_of_their_images(teacher):
+    spec = get_spec("testbed-qwen2vl")
+    _, processor = spec.build("tiny", seed=0)
+    batches = StepBatches(spec, processor, 4, 0, 0, 1, modalities=["image"], teacher_pixels=teacher.pixels)
+    batch = batches[0]
+    assert batch["teacher_pixel_values"].shape == (4, 3, 336, 336)
+    assert "pixel_values_videos" not in batch  # images only
+
+
+def test_distillation_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="subset"):
+        train("testbed-qwen2vl", size="tiny", steps=1, modalities=["audio"], work_dir=tmp_path)
+    with pytest.raises(ValueError, match="train on images"):
+        train("testbed-qwen2vl", size="tiny", steps=1, modalities=["video"], distill_from=LLAVA, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="dense_weight"):
+        train("testbed-qwen2vl", size="tiny", steps=1, distill_from=LLAVA, work_dir=tmp_path, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_first_step_distillation_loss_is_that_of_the_fitted_model(tmp_path, teacher):
+    spec = get_spec("testbed-qwen2vl")
+    train("testbed-qwen2vl", steps=1, batch_size=2, modalities=["image"], distill_from=LLAVA, work_dir=tmp_path,
+          eval_every=0, attention_weight=0.0, log=lambda _: None)
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["distill_loss"]
+    model, processor = spec.build("full", seed=0)
+    fit_output_layer(model, processor, teacher, list(dataset("image", "train", FIT_ITEMS, 1, form="mixed")))
+    batch = StepBatches(spec, processor, 2, 0, 0, 1, dense=True, modalities=["image"],
+                        teacher_pixels=teacher.pixels)[0]
+    with torch.no_grad():
+        expected = feature_distill_loss(grid_inputs(model, {k: v for k, v in batch.items()
+                                                            if not k.startswith(("dense", "teacher"))}
+                                                    ).tokens["image"], teacher.tokens(batch["teacher_pixel_values"]))
+    assert logged == pytest.approx(float(expected), abs=2e-4)
