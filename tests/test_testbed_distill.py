@@ -115,3 +115,17 @@ def test_first_step_distillation_loss_is_that_of_the_fitted_model(tmp_path, teac
                                                             if not k.startswith(("dense", "teacher"))}
                                                     ).tokens["image"], teacher.tokens(batch["teacher_pixel_values"]))
     assert logged == pytest.approx(float(expected), abs=2e-4)
+
+
+def test_stage_table_names_what_each_stage_took_from_elsewhere():
+    from mmtok.testbed.card import lineage_rows, stage
+
+    base = {"steps": 10, "batch_size": 8, "lr": 1e-3, "dense_weight": 1.0, "curriculum": 0.0,
+            "attention_weight": 1.0, "position_code": 0.0}
+    first = {"settings": {**base, "init_lm_from": "assets/testbed-llava"}, "step": 10,
+             "history": {"seconds": 60.0, "hardware": "one H200 GPU"}}
+    settings = {**base, "distill_from": "assets/testbed-llava", "distill_weight": 1.0, "modalities": ["image"],
+                "init_from": {"lineage": [stage(first)]}}
+    rows = lineage_rows(settings, {"losses": [0.0] * 4, "seconds": 30.0}, "x86_64 CPU (2 threads)")
+    assert rows[-2].endswith("| language model from `assets/testbed-llava` |")
+    assert rows[-1].endswith("| image tokens distilled from `assets/testbed-llava` (weight 1.0); image only |")

@@ -67,6 +67,9 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
            f"`{settings['init_from']['path']}`" if settings.get("init_from") else "")
         + (f", language model from `{settings['init_lm_from']}` (`--init-lm-from`)"
            if settings.get("init_lm_from") else "")
+        + (f", image tokens distilled from `{settings['distill_from']}` (`--distill-from`, weight "
+           f"{settings['distill_weight']})" if settings.get("distill_from") else "")
+        + (f", on {' + '.join(settings['modalities'])} only (`--modalities`)" if settings.get("modalities") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
            f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
@@ -96,29 +99,45 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
 
 
 STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
+# Settings a stage has only when it used them; the card's "sources" column names them.
+SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities")
+
+
+def stage_sources(settings: dict[str, Any]) -> str:
+    """What a stage took from elsewhere or left out, for the card's stage table (``-`` for nothing)."""
+    parts = []
+    if settings.get("init_lm_from"):
+        parts.append(f"language model from `{settings['init_lm_from']}`")
+    if settings.get("distill_from"):
+        parts.append(f"image tokens distilled from `{settings['distill_from']}` (weight {settings['distill_weight']})")
+    if settings.get("modalities"):
+        parts.append(f"{' + '.join(settings['modalities'])} only")
+    return "; ".join(parts) or "-"
 
 
 def stage(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's training stage, as the model card lists the stages a warm-started model went through."""
     st, hist = state["settings"], state["history"]
-    return {"step": state["step"], **{k: st.get(k, 0.0) for k in STAGE_KEYS}, "minutes": round(hist["seconds"] / 60, 1),
+    return {"step": state["step"], **{k: st.get(k, 0.0) for k in STAGE_KEYS},
+            **{k: st[k] for k in SOURCE_KEYS if k in st}, "minutes": round(hist["seconds"] / 60, 1),
             "hardware": hist.get("hardware", "not recorded")}
 
 
 def lineage_rows(settings: dict[str, Any], history: dict[str, Any], hardware: str) -> list[str]:
     """The card's table of training stages: each warm-start source (oldest first), then this run."""
     stages = [*(settings.get("init_from") or {}).get("lineage", []),
-              {"step": len(history["losses"]), **{k: settings.get(k, 0.0) for k in STAGE_KEYS}, "minutes": round(history["seconds"] / 60, 1),
-               "hardware": hardware}]
+              {"step": len(history["losses"]), **{k: settings.get(k, 0.0) for k in STAGE_KEYS},
+               **{k: settings[k] for k in SOURCE_KEYS if k in settings},
+               "minutes": round(history["seconds"] / 60, 1), "hardware": hardware}]
     if len(stages) == 1:
         return []
     rows = [f"| {i + 1} | {s['step']} of {s['steps']} x {s['batch_size']} | {s['lr']} | {s['dense_weight']} / "
             f"{s['curriculum']} / {s['attention_weight']} | {s.get('position_code', 0.0)} | {s['minutes']} | "
-            f"{s['hardware']} |"
+            f"{s['hardware']} | {stage_sources(s)} |"
             for i, s in enumerate(stages)]
     return ["", "Stages (each warm-started from the one before, with a fresh schedule; the data continues):", "",
-            "| stage | steps x batch | lr | dense / curriculum / attention | position code | minutes | hardware |",
-            "|---|---|---|---|---|---|---|", *rows]
+            "| stage | steps x batch | lr | dense / curriculum / attention | position code | minutes | hardware | sources |",
+            "|---|---|---|---|---|---|---|---|", *rows]
 
 
 def describe_hardware(model: Any) -> str:
