@@ -74,15 +74,19 @@ def test_the_shipped_qwen2vl_shape_takes_the_shipped_llava_language_model() -> N
     assert moved["words"] > 60  # the image words, the chat words and the specials they share
 
 
-def test_training_records_the_language_model_source_and_refuses_it_with_a_warm_start(llava_dir, tmp_path) -> None:
+def test_training_records_the_language_model_source_and_replaces_a_warm_starts(llava_dir, tmp_path) -> None:
     from mmtok.testbed.train import train
 
     out, llava, llava_processor = llava_dir
     args = dict(size="tiny", steps=1, batch_size=2, lr=1e-3, warmup=0, seed=0, eval_every=0, log=lambda s: None)
     run = train("testbed-qwen2vl", work_dir=tmp_path / "run", until=0, init_lm_from=out, **args)
     assert run["settings"]["init_lm_from"] == str(out)
-    got = _text_states(run["model"].eval(), run["processor"].tokenizer)
-    assert torch.allclose(got, _text_states(llava.eval(), llava_processor.tokenizer), atol=1e-5)
-    with pytest.raises(ValueError, match="use one of the two"):
-        train("testbed-qwen2vl", work_dir=tmp_path / "both", until=0, init_lm_from=out, init_from=tmp_path / "run",
-              **args)
+    want = _text_states(llava.eval(), llava_processor.tokenizer)
+    assert torch.allclose(_text_states(run["model"].eval(), run["processor"].tokenizer), want, atol=1e-5)
+    # A warm start keeps its vision tower and takes the other testbed's language model.
+    warm = train("testbed-qwen2vl", work_dir=tmp_path / "warm", until=1, **args)
+    both = train("testbed-qwen2vl", work_dir=tmp_path / "both", until=0, init_lm_from=out,
+                 init_from=tmp_path / "warm", **args)
+    assert torch.allclose(_text_states(both["model"].eval(), both["processor"].tokenizer), want, atol=1e-5)
+    tower = {k: v for k, v in warm["model"].state_dict().items() if ".visual." in k or k.startswith("model.visual")}
+    assert tower and all(torch.equal(both["model"].state_dict()[k], v) for k, v in tower.items())

@@ -60,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--distill-weight", type=float, default=1.0, help="weight of that loss (default 1.0)")
     t.add_argument("--modalities", nargs="+", choices=("image", "video", "audio"),
                    help="train on these media only (default: all of the testbed's)")
+    t.add_argument("--position-homotopy", type=float, default=0.0,
+                   help="share of the steps over which Qwen2-VL position ids move from 1-D to M-RoPE (default 0: off)")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -116,6 +118,7 @@ def run_train(args: argparse.Namespace) -> int:
           curriculum=args.curriculum, init_from=args.init_from, warmup=args.warmup,
           attention_weight=args.attention_weight, position_code=args.position_code, init_lm_from=args.init_lm_from,
           distill_from=args.distill_from, distill_weight=args.distill_weight, modalities=args.modalities,
+          position_homotopy=args.position_homotopy,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

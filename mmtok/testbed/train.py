@@ -42,6 +42,7 @@ from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_outp
 from mmtok.testbed.media_grid import MEDIA, grid_inputs, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
+from mmtok.testbed.position_homotopy import blended_position_ids, homotopy_weight
 from mmtok.testbed.transfer import transfer_language_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,6 +175,13 @@ def media_gain(model: Any, processor: Any, items: list[Any]) -> float:
     return gain
 
 
+def _blend_positions(model: Any, inputs: dict[str, Any], step: int, settings: dict[str, Any]) -> None:
+    share = settings.get("position_homotopy", 0.0)
+    weight = homotopy_weight(step, settings["steps"], share)
+    if share and weight < 1.0:
+        inputs["position_ids"] = blended_position_ids(model, inputs, weight)
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -209,6 +217,7 @@ def train(
     distill_from: str | Path | None = None,
     distill_weight: float = 1.0,
     modalities: Sequence[str] | None = None,
+    position_homotopy: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -253,7 +262,8 @@ def train(
             spec's default for a run of the shipped size from scratch, and 0 for other sizes and for a warm
             start (whose weights have theirs already).
         init_lm_from: an exported testbed directory (e.g. ``assets/testbed-llava``) whose language model
-            starts this one (:func:`mmtok.testbed.transfer.transfer_language_model`); not with ``init_from``.
+            starts this one (:func:`mmtok.testbed.transfer.transfer_language_model`); with ``init_from``, it
+            replaces the warm start's language model (the rest of the warm start stays).
         distill_from: an exported Llava testbed directory whose visual tokens the model's image tokens are
             regressed onto (:mod:`mmtok.testbed.distill`); needs ``dense_weight > 0`` (the grid tokens) and
             image items in the batches.
@@ -261,6 +271,8 @@ def train(
         modalities: the media of the training batches, a subset of the spec's (all when None; e.g. images
             only, whose rows are a quarter as long as Qwen2-VL's video rows). The held-out evaluation keeps
             all of the spec's.
+        position_homotopy: share of the steps over which a Qwen2-VL model's position ids move from 1-D to
+            M-RoPE (:mod:`mmtok.testbed.position_homotopy`); 0 (default) trains at M-RoPE throughout.
         log: where progress lines go.
 
     Returns:
@@ -283,10 +295,10 @@ def train(
         if position_code is None else position_code,
     }
     if init_lm_from is not None:
-        if init_from is not None:
-            raise ValueError("init_lm_from starts a language model from another testbed; a warm start "
-                             "(init_from) takes every weight from its checkpoint: use one of the two")
         settings["init_lm_from"] = str(init_lm_from)
+    if position_homotopy:
+        homotopy_weight(0, 1, position_homotopy)  # validates the share
+        settings["position_homotopy"] = float(position_homotopy)
     if modalities is not None:
         unknown = sorted(set(modalities) - set(spec.modalities))
         if unknown or not modalities:
@@ -308,9 +320,8 @@ def train(
                                  "items": before["items"] + warm["step"] * warm["settings"]["batch_size"],
                                  "lineage": [*before.get("lineage", []), stage(warm)]}
     model, processor = spec.build(size, seed)
-    if init_lm_from is not None:
-        moved = transfer_language_model(model, processor.tokenizer, init_lm_from)
-        log(f"language model of {name} from {init_lm_from}: {moved}")
+    if position_homotopy and model_kind(model) != "qwen2vl":
+        raise ValueError("the position homotopy moves Qwen2-VL's M-RoPE positions: use it with testbed-qwen2vl")
     shape = spec.sizes[size] if isinstance(size, str) else size
     grid_ok = on_layout_grid(model, shape)
     if dense_weight is None or curriculum is None:
@@ -368,6 +379,9 @@ def train(
     if warm is not None:
         model.load_state_dict(warm["model"])
         log(f"warm start of {name} from step {warm['step']} of {settings['init_from']['path']}")
+    if init_lm_from is not None:  # after a warm start, whose language model it replaces
+        moved = transfer_language_model(model, processor.tokenizer, init_lm_from)
+        log(f"language model of {name} from {init_lm_from}: {moved}")
     if settings["position_code"] > 0:  # before a resume, which loads weights that have it already
         add_position_code(model, settings["position_code"])
     if teacher is not None and model_kind(model) == "qwen2vl":  # likewise: a resume loads the fitted weights
@@ -412,6 +426,7 @@ def train(
             keep = (keep_mask(labels["image"], share, torch.Generator().manual_seed(seed * 1_000_003 + step))
                     if share < 1 else None)
             grid = grid_inputs(model, batch, keep)
+            _blend_positions(model, grid.inputs, step, settings)
             attend = settings["attention_weight"] > 0
             with grid.capturing():
                 outputs = model(**grid.inputs, output_hidden_states=True, output_attentions=attend)
@@ -432,6 +447,7 @@ def train(
             total.backward()
         else:
             dense = None
+            _blend_positions(model, batch, step, settings)
             loss = model(**batch).loss
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
