@@ -70,6 +70,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         + (f", image tokens distilled from `{settings['distill_from']}` (`--distill-from`, weight "
            f"{settings['distill_weight']})" if settings.get("distill_from") else "")
         + (f", on {' + '.join(settings['modalities'])} only (`--modalities`)" if settings.get("modalities") else "")
+        + (f", position ids moved from 1-D to M-RoPE over the first {settings['position_homotopy']:.0%} of the steps "
+           "(`--position-homotopy`)" if settings.get("position_homotopy") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
            f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
@@ -100,7 +102,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
 
 STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
 # Settings a stage has only when it used them; the card's "sources" column names them.
-SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities")
+SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy")
 
 
 def stage_sources(settings: dict[str, Any]) -> str:
@@ -112,6 +114,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
         parts.append(f"image tokens distilled from `{settings['distill_from']}` (weight {settings['distill_weight']})")
     if settings.get("modalities"):
         parts.append(f"{' + '.join(settings['modalities'])} only")
+    if settings.get("position_homotopy"):
+        parts.append(f"positions 1-D -> M-RoPE over {settings['position_homotopy']:.0%} of the steps")
     return "; ".join(parts) or "-"
 
 
