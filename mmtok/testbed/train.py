@@ -266,7 +266,9 @@ def train(
             replaces the warm start's language model (the rest of the warm start stays).
         distill_from: an exported Llava testbed directory whose visual tokens the model's image tokens are
             regressed onto (:mod:`mmtok.testbed.distill`); needs ``dense_weight > 0`` (the grid tokens) and
-            image items in the batches.
+            image items in the batches. The first distilled stage of a Qwen2-VL model starts by fitting its
+            merger's output layer (:func:`mmtok.testbed.distill.fit_output_layer`); warm starts from a
+            distilled stage do not refit.
         distill_weight: weight of that loss, added to the answer and dense losses.
         modalities: the media of the training batches, a subset of the spec's (all when None; e.g. images
             only, whose rows are a quarter as long as Qwen2-VL's video rows). The held-out evaluation keeps
@@ -384,7 +386,10 @@ def train(
         log(f"language model of {name} from {init_lm_from}: {moved}")
     if settings["position_code"] > 0:  # before a resume, which loads weights that have it already
         add_position_code(model, settings["position_code"])
-    if teacher is not None and model_kind(model) == "qwen2vl":  # likewise: a resume loads the fitted weights
+    # Only the first distilled stage fits (a later one would move tokens its language model has adapted to);
+    # a resume loads the fitted weights.
+    first_distilled = warm is None or not warm["settings"].get("distill_from")
+    if teacher is not None and model_kind(model) == "qwen2vl" and first_distilled:
         fit = fit_output_layer(model, processor, teacher,
                                list(dataset("image", "train", FIT_ITEMS, seed + 1, form=FORM)))
         log(f"merger output layer fitted to {teacher.source} on {FIT_ITEMS} images: distillation loss "
