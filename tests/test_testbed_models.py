@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmtok.testbed.data import HELDOUT_SPLIT, dataset, families, item, vocabulary  # noqa: E402
 from mmtok.testbed.models import IGNORE, SPECS, encode_items, get_spec, word_tokenizer  # noqa: E402
-from mmtok.testbed.train import heldout_accuracy, lr_factor, media_gain, train  # noqa: E402
+from mmtok.testbed.train import lr_factor, train  # noqa: E402
+from mmtok.testbed.train_measures import heldout_accuracy, media_gain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "assets" / "testbed-llava"

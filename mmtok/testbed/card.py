@@ -83,7 +83,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         "`mixed` (half short answer, half multiple choice); chance is the mean of the two forms' chance levels.",
         (f"Rerun through `mmtok.compress_then_generate` with `mmtok testbed eval {spec.name}`."
          if model.config.model_type in supported_model_types() else
-         "Scored by teacher-forced exact match (`mmtok.testbed.train.heldout_accuracy`: the items greedy "
+         "Scored by teacher-forced exact match (`mmtok.testbed.train_measures.heldout_accuracy`: the items greedy "
          f"decoding answers word for word); mmtok has no adapter for `{model.config.model_type}` yet, so "
          "`mmtok testbed eval` and the compressors do not run on it."),
         "",

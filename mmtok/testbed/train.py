@@ -5,8 +5,8 @@ The loop (one function, :func:`train`): batch ``s`` is train-split items ``s * B
 its settings and seed and a resumed run sees exactly the batches an uninterrupted one would. The loss is
 the cross-entropy on the answer words and ``</s>`` only (:func:`mmtok.testbed.models.encode_items`);
 AdamW with linear warm-up then cosine decay to 10 % of the peak rate. Every ``eval_every`` steps the model
-is scored on a fixed held-out sample per family with :func:`heldout_accuracy`; every ``ckpt_every`` steps
-the model, optimiser, schedule and log go to ``work_dir/checkpoint.pt``. :func:`export` writes the
+is scored on a fixed held-out sample per family (:mod:`mmtok.testbed.train_measures`); every ``ckpt_every``
+steps the model, optimiser, schedule and log go to ``work_dir/checkpoint.pt``. :func:`export` writes the
 shipped directory: fp16 safetensors, processor, tokenizer and a model card.
 """
 
@@ -17,7 +17,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 
 from mmtok.testbed.card import describe_hardware, export, stage
 from mmtok.testbed.curriculum import background_share, keep_mask
-from mmtok.testbed.data import HELDOUT_SPLIT, dataset, families, item
+from mmtok.testbed.data import dataset
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import (
     IMAGE_HEADS,
@@ -40,9 +39,12 @@ from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_video import video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
 from mmtok.testbed.media_grid import MEDIA, grid_inputs, model_kind, on_layout_grid, tokens_per_side
-from mmtok.testbed.models import IGNORE, TestbedSpec, encode_items, get_spec
+from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
 from mmtok.testbed.position_homotopy import blended_position_ids, homotopy_weight
+from mmtok.testbed.train_measures import FORM, heldout_accuracy, heldout_items, media_gain
+from mmtok.testbed.train_measures import device_of as _device
+from mmtok.testbed.train_measures import to_device as _to
 from mmtok.testbed.transfer import transfer_language_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +54,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RELEVANCE_LAYER = 1
 # Attention supervision (dense.attention_loss) on the layer after the marks: its head 0 at the answer position.
 ATTEND_LAYER = 1
-FORM = "mixed"
 # Train-split scenes (of seed + 1, so not a batch the run trains on first) for fitting a Qwen2-VL merger's
 # output layer to the distillation teacher: 48 x 256 tokens for 385 x 128 unknowns.
 FIT_ITEMS = 48
@@ -64,44 +65,6 @@ def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def heldout_items(spec: TestbedSpec, n_per_family: int, seed: int = 0, form: str = FORM) -> list[Any]:
-    """The first ``n_per_family`` held-out items of every family of the spec's modalities (fixed by ``seed``)."""
-    out = []
-    for modality in spec.modalities:
-        for fam in families(modality):
-            out += [item(modality, HELDOUT_SPLIT, i, seed, family=fam, form=form) for i in range(n_per_family)]
-    return out
-
-
-@torch.no_grad()
-def heldout_accuracy(model: Any, processor: Any, items: list[Any], batch_size: int = 16) -> dict[str, float]:
-    """Exact-match accuracy per family under teacher forcing.
-
-    An item counts as right when the argmax at every answer position (the answer words and ``</s>``) is
-    the target token: exactly the items that greedy decoding answers word for word, at the cost of one
-    forward pass. :mod:`mmtok.testbed.evaluate` measures the same through ``generate()``.
-
-    Returns:
-        ``{family: accuracy}`` plus ``"mean"`` (the mean over families).
-    """
-    was_training = model.training
-    model.eval()
-    right: dict[str, list[bool]] = {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = _to(encode_items(processor, chunk), _device(model))
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1]
-        target = labels[:, 1:]
-        ok = ((logits.argmax(-1) == target) | (target == IGNORE)).all(1)
-        for it, good in zip(chunk, ok.tolist(), strict=True):
-            right.setdefault(it.family, []).append(bool(good))
-    model.train(was_training)
-    acc = {fam: sum(v) / len(v) for fam, v in right.items()}
-    acc["mean"] = sum(acc.values()) / len(acc)
-    return acc
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -136,43 +99,6 @@ class StepBatches(torch.utils.data.Dataset):
         if self.teacher_pixels is not None:
             batch["teacher_pixel_values"] = self.teacher_pixels([it.media for it in items if it.modality == "image"])
         return batch
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def media_gain(model: Any, processor: Any, items: list[Any]) -> float:
-    """Answer loss with each item's media swapped for another item's, minus the loss with its own media.
-
-    About 0 while a model answers from the question alone (the first phase of training from scratch);
-    it grows once the model reads its media. Swapping (a fixed cyclic shift among the items of each
-    modality, so an image is swapped for an image and a video for a video) keeps the media statistics, so
-    the gap measures use of the item's own content, not of media in general.
-
-    Raises:
-        ValueError: a modality with fewer than two items.
-    """
-    groups: dict[str, list[int]] = {}
-    for i, it in enumerate(items):
-        groups.setdefault(it.modality, []).append(i)
-    if not groups or min(len(g) for g in groups.values()) < 2:
-        sizes = {m: len(g) for m, g in groups.items()}
-        raise ValueError(f"media_gain needs at least two items of each modality to swap their media, got {sizes}")
-    donor = {g[j]: g[j - 1] for g in groups.values() for j in range(len(g))}
-    was_training = model.training
-    model.eval()
-    own = _to(encode_items(processor, items), _device(model))
-    swapped = _to(encode_items(processor, [replace(it, media=items[donor[i]].media) for i, it in enumerate(items)]),
-                  _device(model))
-    gain = float(model(**swapped).loss) - float(model(**own).loss)
-    model.train(was_training)
-    return gain
 
 
 def _blend_positions(model: Any, inputs: dict[str, Any], step: int, settings: dict[str, Any]) -> None:
