@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from mmtok.testbed.data import dataset  # noqa: E402
-from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer  # noqa: E402
-from mmtok.testbed.media_grid import grid_inputs  # noqa: E402
-from mmtok.testbed.models import encode_items, get_spec  # noqa: E402
-from mmtok.testbed.train import FIT_ITEMS, StepBatches, train  # noqa: E402
+from mmtok.testbed.data import dataset
+from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
+from mmtok.testbed.media_grid import grid_inputs
+from mmtok.testbed.models import encode_items, get_spec
+from mmtok.testbed.train import FIT_ITEMS, StepBatches, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAVA = ROOT / "assets" / "testbed-llava"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from mmtok.testbed.data import HELDOUT_SPLIT, item  # noqa: E402
-from mmtok.testbed.models import encode_items, get_spec  # noqa: E402
-from mmtok.testbed.position_homotopy import blended_position_ids, homotopy_weight  # noqa: E402
+from mmtok.testbed.data import HELDOUT_SPLIT, item
+from mmtok.testbed.models import encode_items, get_spec
+from mmtok.testbed.position_homotopy import blended_position_ids, homotopy_weight
 
 
 @pytest.fixture(scope="module")
