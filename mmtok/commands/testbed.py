@@ -58,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="an exported Llava testbed whose visual tokens the image tokens learn to match "
                         "(e.g. assets/testbed-llava for testbed-qwen2vl)")
     t.add_argument("--distill-weight", type=float, default=1.0, help="weight of that loss (default 1.0)")
+    t.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc settings alone (by default freed memory stays in the process: "
+                        "mmtok.testbed.allocator)")
     t.add_argument("--modalities", nargs="+", choices=("image", "video", "audio"),
                    help="train on these media only (default: all of the testbed's)")
     t.add_argument("--position-homotopy", type=float, default=0.0,
@@ -109,8 +112,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train (and export) one testbed model."""
+    from mmtok.testbed.allocator import keep_freed_memory
     from mmtok.testbed.train import default_out, train
 
+    if not args.default_malloc and keep_freed_memory():
+        print("malloc: freed memory stays in the process (--default-malloc to keep glibc's defaults)", flush=True)
     out = None if args.no_export else (args.out or default_out(args.name))
     train(args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size,
           work_dir=args.work_dir, out=out, resume=args.resume, eval_every=args.eval_every, eval_n=args.eval_n,
