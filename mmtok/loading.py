@@ -167,10 +167,15 @@ def model_class(source: str) -> Any:
     """
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+        MODEL_FOR_MULTIMODAL_LM_MAPPING,
+    )
 
     config = AutoConfig.from_pretrained(source, local_files_only=True)
-    for auto in (AutoModelForImageTextToText, AutoModelForMultimodalLM):
-        if type(config) in auto._model_mapping:
+    for auto, mapping in ((AutoModelForImageTextToText, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING),
+                          (AutoModelForMultimodalLM, MODEL_FOR_MULTIMODAL_LM_MAPPING)):
+        if type(config) in mapping:
             return auto
     for name in config.architectures or ():
         if isinstance(cls := getattr(transformers, name, None), type):

@@ -243,18 +243,15 @@ def test_audio_trains_exports_loads_and_generates(audio_export):
 
 
 def test_mmtok_load_takes_the_exported_audio_model(audio_export):
-    from transformers import (
-        AutoModelForImageTextToText,
-        AutoModelForMultimodalLM,
-        Qwen2AudioForConditionalGeneration,
-    )
+    from transformers import AutoModelForMultimodalLM, Qwen2AudioForConditionalGeneration
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
     import mmtok
     from mmtok.api import model_class
 
     run, out = audio_export
     # qwen2_audio is not an image-text-to-text model: load falls back to the multimodal-LM auto class
-    assert type(run["model"].config) not in AutoModelForImageTextToText._model_mapping
+    assert type(run["model"].config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
     assert model_class(str(out)) is AutoModelForMultimodalLM
     model, processor = mmtok.load(out, dtype="float32")
     assert type(model) is Qwen2AudioForConditionalGeneration and not model.training
