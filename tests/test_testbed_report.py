@@ -159,6 +159,13 @@ def test_percent_of_full_and_the_random_check_on_known_numbers():
     assert "- pool: a note" in text
 
 
+def test_the_page_names_each_media_size_of_a_mixed_model():
+    run = _fake_run()
+    assert "(Fake, 100 visual tokens per item)" in rep.format_quality(run)
+    run.reference.visual_before[:] = [256] * 30 + [1152] * 10  # 30 images, 10 videos
+    assert "(Fake, 256 to 1152 (mean 480) visual tokens per item)" in rep.format_quality(run)
+
+
 def test_random_check_not_met_and_not_computed():
     run = _fake_run()
     run.reports[("random", 0.1)] = _report("random", 0.1, {"a": 6, "b": 6, "c": 10, "d": 4}, 10)  # only a drops 20

@@ -381,13 +381,15 @@ def format_quality(run: QualityRun, command: str = "", plot: str | None = "quali
     full = ref.mean
     fams = [s.family for s in ref.scores]
     chance = sum(s.chance for s in ref.scores) / len(ref.scores) if ref.scores else 0.0
-    visual = sum(ref.visual_before) / len(ref.visual_before) if ref.visual_before else 0.0
+    sizes = sorted(set(ref.visual_before))
+    visual = (_tokens(sizes[0]) if len(sizes) == 1 else "0" if not sizes else
+              f"{_tokens(sizes[0])} to {_tokens(sizes[-1])} (mean {_tokens(sum(ref.visual_before) / len(ref.visual_before))})")
     out = [
         "# Quality: held-out accuracy of every compressor at every budget",
         "",
         "<!-- written by `mmtok testbed report`; edits are overwritten -->",
         "",
-        f"Model: `{run.model}` ({run.architecture}, {_tokens(visual)} visual tokens per item). Held-out split, "
+        f"Model: `{run.model}` ({run.architecture}, {visual} visual tokens per item). Held-out split, "
         f"{run.n_per_family} items per family x {len(fams)} families = {sum(s.total for s in ref.scores)} "
         f"items (seed {run.seed}, form {run.form}); greedy decoding, an answer counts when it matches exactly. "
         f"Accuracy is the mean over families. **Full accuracy** (`identity`, every token): "
