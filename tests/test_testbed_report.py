@@ -309,3 +309,17 @@ def test_parse_options():
     with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
         parse_options(["pdrop=1"])
     assert json.loads(json.dumps(rep.report_to_dict(_report("x", 0.5, {"a": 1}, 3))))["visual_after"] == [3] * 40
+
+
+def test_device_option_names_what_is_allowed():
+    import torch
+
+    from mmtok.commands.testbed import model_device
+
+    assert model_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "gpu0", "meta"):
+        with pytest.raises(ValueError, match="cpu or cuda"):
+            model_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="0 CUDA devices"):
+            model_device("cuda")

@@ -87,6 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--seed", type=int, default=0, help="held-out dataset seed (default 0)")
     v.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     v.add_argument("--markdown", action="store_true", help="print a markdown table")
+    v.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda[:N]")
     v.set_defaults(run=run_eval)
 
     r = actions.add_parser("report", help="every compressor at every budget on the held-out split: "
@@ -107,6 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--fresh", action="store_true", help="discard the cache and run every cell")
     r.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     r.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    r.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda[:N]")
     r.set_defaults(run=run_report)
 
 
@@ -142,7 +144,9 @@ def run_eval(args: argparse.Namespace) -> int:
     import mmtok
     from mmtok.testbed.evaluate import evaluate, format_reports, heldout
 
+    device = model_device(args.device)
     model, processor = mmtok.load(args.name, dtype="float32")
+    model.to(device)
     modalities = _modalities(args.name, model)
     items = heldout(modalities, args.n, args.seed, args.form, args.families)
     reports = [
@@ -173,6 +177,26 @@ def parse_options(pairs: list[str]) -> dict[str, dict[str, object]]:
             value = text
         out.setdefault(method, {})[key] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def model_device(text: str) -> object:
+    """``--device``: a ``torch.device`` of type cpu or cuda that this machine has.
+
+    Raises:
+        ValueError: not a device name, a type other than cpu / cuda, or a CUDA device this machine lacks.
+    """
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA devices "
+                         f"(available: {torch.cuda.is_available()}); use --device cpu")
+    return device
 
 
 def load_for_report(name: str, model_dir: str | None) -> tuple[object, object]:
@@ -210,7 +234,9 @@ def run_report(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     options = parse_options(args.option)
+    device = model_device(args.device)
     model, processor = load_for_report(args.name, args.model_dir)
+    model.to(device)
     label = args.model_dir or args.name
     work = Path(args.work) if args.work else (
         Path(tempfile.gettempdir()) / f"mmtok-quality-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.jsonl")
@@ -227,7 +253,7 @@ def run_report(args: argparse.Namespace) -> int:
                         "--budgets " + " ".join(f"{b:g}" for b in args.budgets),
                         *(["--methods " + " ".join(args.methods)] if args.methods else []),
                         *[f"--option '{o}'" for o in args.option], f"--batch-size {args.batch_size}",
-                        f"--out {args.out}"])
+                        *([f"--device {args.device}"] if device.type != "cpu" else []), f"--out {args.out}"])
     md, png = write_quality(run, args.out, command)
     print(f"wrote {md} and {png} (finished cells cached in {work})")
     return 0
