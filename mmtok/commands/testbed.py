@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from mmtok.testbed.models import SPECS
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _budget(text: str) -> int | float:
@@ -179,7 +183,7 @@ def parse_options(pairs: list[str]) -> dict[str, dict[str, object]]:
     return out
 
 
-def model_device(text: str) -> object:
+def model_device(text: str) -> torch.device:
     """``--device``: a ``torch.device`` of type cpu or cuda that this machine has.
 
     Raises:

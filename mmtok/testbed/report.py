@@ -359,6 +359,14 @@ def _tokens(value: float) -> str:
     return f"{value:.0f}" if math.isclose(value, round(value), abs_tol=1e-9) else f"{value:.1f}"
 
 
+def _media_sizes(counts: list[int]) -> str:
+    """``"256"`` when every item has that many visual tokens, else ``"256 to 1152 (mean 674.1)"``."""
+    if not counts:
+        return "0"
+    low, high = min(counts), max(counts)
+    return _tokens(low) if low == high else f"{_tokens(low)} to {_tokens(high)} (mean {_tokens(sum(counts) / len(counts))})"
+
+
 def random_check(run: QualityRun) -> tuple[list[str], dict[str, float]] | None:
     """Issue #4's check: families where ``random`` at 10 % is >= 15 points below full accuracy.
 
@@ -381,9 +389,7 @@ def format_quality(run: QualityRun, command: str = "", plot: str | None = "quali
     full = ref.mean
     fams = [s.family for s in ref.scores]
     chance = sum(s.chance for s in ref.scores) / len(ref.scores) if ref.scores else 0.0
-    sizes = sorted(set(ref.visual_before))
-    visual = (_tokens(sizes[0]) if len(sizes) == 1 else "0" if not sizes else
-              f"{_tokens(sizes[0])} to {_tokens(sizes[-1])} (mean {_tokens(sum(ref.visual_before) / len(ref.visual_before))})")
+    visual = _media_sizes(ref.visual_before)
     out = [
         "# Quality: held-out accuracy of every compressor at every budget",
         "",
