@@ -42,9 +42,14 @@ from mmtok.testbed.media_grid import MEDIA, grid_inputs, model_kind, on_layout_g
 from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
 from mmtok.testbed.position_homotopy import blended_position_ids, homotopy_weight
-from mmtok.testbed.train_measures import FORM, heldout_accuracy, heldout_items, media_gain
-from mmtok.testbed.train_measures import device_of as _device
-from mmtok.testbed.train_measures import to_device as _to
+from mmtok.testbed.train_measures import (
+    FORM,
+    device_of,
+    heldout_accuracy,
+    heldout_items,
+    media_gain,
+    to_device,
+)
 from mmtok.testbed.transfer import transfer_language_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,13 +292,13 @@ def train(
         words = model.get_input_embeddings()
         for media in spec.modalities:
             heads = {"image": IMAGE_HEADS, "video": VISUAL_HEADS, "audio": AUDIO_HEADS}[media]
-            probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads).to(_device(model))
+            probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads).to(device_of(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
     teacher = None
     if distill_from is not None:
         if not probes:
             raise ValueError("distillation reads the image tokens on the scenes' grid: use dense_weight > 0")
-        teacher = FeatureTeacher(distill_from, _device(model))
+        teacher = FeatureTeacher(distill_from, device_of(model))
         if teacher.hidden_size != model.config.text_config.hidden_size:
             raise ValueError(f"the teacher's visual tokens are {teacher.hidden_size} wide, this model's language "
                              f"model takes {model.config.text_config.hidden_size}")
@@ -321,7 +326,7 @@ def train(
         log(f"merger output layer fitted to {teacher.source} on {FIT_ITEMS} images: distillation loss "
             f"{fit['before']:.4f} -> {fit['after']:.4f}")
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False, map_location=_device(model))
+        state = torch.load(ckpt, weights_only=False, map_location=device_of(model))
         if state["settings"] != settings:
             raise ValueError(f"checkpoint {ckpt} was made with {state['settings']}, not {settings}")
         model.load_state_dict(state["model"])
@@ -348,7 +353,7 @@ def train(
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     history["hardware"] = describe_hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
-        batch = _to(batch, _device(model))
+        batch = to_device(batch, device_of(model))
         labels = {m: batch.pop(f"dense_labels_{m}") for m in MEDIA if f"dense_labels_{m}" in batch}
         teacher_pixels = batch.pop("teacher_pixel_values", None)
         distill = None

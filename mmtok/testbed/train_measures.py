@@ -49,12 +49,11 @@ def media_gain(model: Any, processor: Any, items: list[Any]) -> float:
     was_training = model.training
     model.eval()
     own = to_device(encode_items(processor, items), device_of(model))
-    swapped = to_device(encode_items(processor, [replace(it, media=items[donor[i]].media) for i, it in enumerate(items)]),
-                  device_of(model))
+    swapped = [replace(it, media=items[donor[i]].media) for i, it in enumerate(items)]
+    swapped = to_device(encode_items(processor, swapped), device_of(model))
     gain = float(model(**swapped).loss) - float(model(**own).loss)
     model.train(was_training)
     return gain
-
 
 
 def heldout_items(spec: TestbedSpec, n_per_family: int, seed: int = 0, form: str = FORM) -> list[Any]:
