@@ -1,4 +1,4 @@
-"""``mmtok bench compressors|kernels|e2e``: benchmarks written as JSON and printed as a table."""
+"""``mmtok bench compressors|kernels|e2e|testbed``: benchmarks written as JSON and printed as a table."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import argparse
 import importlib
 from pathlib import Path
 
-SUITES = ("compressors", "kernels", "e2e")
+SUITES = ("compressors", "kernels", "e2e", "testbed")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``mmtok bench``."""
     p = sub.add_parser(
         "bench",
-        help="benchmarks: compressors (CPU time per method), kernels (Triton vs torch) or e2e (time to first "
-        "token and peak memory of compress_then_generate on full-size random-weight models)",
+        help="benchmarks: compressors (CPU time per method), kernels (Triton vs torch), e2e (time to first "
+        "token and peak memory of compress_then_generate on full-size random-weight models) or testbed (a testbed "
+        "training step with the attention supervision read through eager attention or query_rows)",
     )
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="token counts N")

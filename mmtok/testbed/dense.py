@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mmtok.testbed.attention_rows import QueryRows
 from mmtok.testbed.data.images import relation_winner
 from mmtok.testbed.data.items import ALPHABET, COLOUR_NAMES, SHAPES, QAItem
 
@@ -237,7 +238,7 @@ def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.
     return sum(parts) / len(parts)
 
 
-def attention_loss(attn: torch.Tensor, labels: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor,
+def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor,
                    order: torch.Tensor | None = None, head: int = 0) -> torch.Tensor:
     """Negative log of the attention mass one head puts on the cells each answer word must read.
 
@@ -250,20 +251,25 @@ def attention_loss(attn: torch.Tensor, labels: torch.Tensor, visual_cells: torch
     answer "no") are left out.
 
     Args:
-        attn: ``[B, H, L, L]`` one layer's attention probabilities.
+        attn: ``[B, H, L, L]`` one layer's attention probabilities, or the supervised head's rows at the
+            answer-predicting positions (:func:`mmtok.testbed.attention_rows.query_rows`, which spares the
+            language model eager attention).
         labels: ``[B, L]`` answer labels (``-100`` off the answer); the position before each answer word is
             the one that predicts it.
         visual_cells: ``[B, L]`` the grid cell of each visual token, -1 elsewhere.
         key: ``[B, N]`` key flags of the cells.
         order: ``[B, N]`` answer-word index (1-based) of the cells, 0 elsewhere (column 4 of
             :func:`batch_labels`); None supervises the first answer word only.
-        head: the supervised head (the others stay free).
+        head: the supervised head (the others stay free); ignored for :class:`QueryRows`, which hold one.
 
     Returns:
         Scalar mean over rows with key tokens (0 when no row has any).
     """
+    def row(b: int, position: int) -> torch.Tensor:
+        return attn.at(b, position) if isinstance(attn, QueryRows) else attn[b, head, position]
+
     losses = []
-    for b in range(attn.shape[0]):
+    for b in range(labels.shape[0]):
         answer = (labels[b] != IGNORE).nonzero()[:, 0]
         vis = visual_cells[b] >= 0
         on_key = torch.zeros_like(vis)
@@ -275,11 +281,11 @@ def attention_loss(attn: torch.Tensor, labels: torch.Tensor, visual_cells: torch
             words[vis] = order[b, visual_cells[b, vis]]
         n_words = min(int(words.max()), len(answer))
         if n_words == 0:
-            losses.append(-torch.log(attn[b, head, int(answer[0]) - 1][on_key].sum().float().clamp_min(1e-6)))
+            losses.append(-torch.log(row(b, int(answer[0]) - 1)[on_key].sum().float().clamp_min(1e-6)))
             continue
-        masses = torch.stack([attn[b, head, int(answer[i]) - 1][words == i + 1].sum() for i in range(n_words)])
+        masses = torch.stack([row(b, int(answer[i]) - 1)[words == i + 1].sum() for i in range(n_words)])
         losses.append(-torch.log(masses.float().clamp_min(1e-6)).mean())
-    return torch.stack(losses).mean() if losses else attn.new_zeros(())
+    return torch.stack(losses).mean() if losses else labels.new_zeros((), dtype=torch.float)
 
 
 def class_word_ids(tokenizer: Any, heads: Sequence[Sequence[str]] = VISUAL_HEADS) -> list[list[int]]:

@@ -17,11 +17,13 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmtok.testbed.attention_rows import answer_query_positions, query_rows
 from mmtok.testbed.card import describe_hardware, export, stage
 from mmtok.testbed.curriculum import background_share, keep_mask
 from mmtok.testbed.data import dataset
@@ -186,8 +188,9 @@ def train(
             (:mod:`mmtok.testbed.curriculum`); the spec's default when None (0 for a warm start); 0 trains on
             whole images throughout. Needs ``dense_weight > 0`` and a Llava model.
         attention_weight: weight of the attention supervision (:func:`mmtok.testbed.dense.attention_loss`)
-            inside the dense loss; the spec's default when None. Trains with eager attention (the only
-            implementation that returns attention probabilities); the model goes back to SDPA afterwards.
+            inside the dense loss; the spec's default when None. The language model runs SDPA and the one
+            supervised head's rows at the answer positions are computed beside it
+            (:func:`mmtok.testbed.attention_rows.query_rows`).
         position_code: amplitude of the 2-D sine-cosine code added to a Llava model's CLIP position
             embeddings when the run starts (:mod:`mmtok.testbed.position_code`; 0: none). None takes the
             spec's default for a run of the shipped size from scratch, and 0 for other sizes and for a warm
@@ -338,7 +341,6 @@ def train(
         if model.config.text_config.num_hidden_layers <= ATTEND_LAYER:
             raise ValueError(f"attention supervision reads layer {ATTEND_LAYER}; this language model has "
                              f"{model.config.text_config.num_hidden_layers} layer(s): use attention_weight=0")
-        model.model.language_model.set_attn_implementation("eager")
     heldout = heldout_items(spec, eval_n, seed) if eval_every or out else []
     logf = (work / "log.jsonl").open("a")
     t0 = time.perf_counter() - history["seconds"]
@@ -364,8 +366,10 @@ def train(
             grid = grid_inputs(model, batch, keep)
             _blend_positions(model, grid.inputs, step, settings)
             attend = settings["attention_weight"] > 0
-            with grid.capturing():
-                outputs = model(**grid.inputs, output_hidden_states=True, output_attentions=attend)
+            with grid.capturing(), ExitStack() as stack:
+                rows = (stack.enter_context(query_rows(model, ATTEND_LAYER, answer_query_positions(
+                    grid.inputs["labels"]))) if attend else None)
+                outputs = model(**grid.inputs, output_hidden_states=True)
             loss = outputs.loss
             lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
             # Targets: the probe heads' columns first, then the key flag and the answer-word order.
@@ -374,7 +378,7 @@ def train(
             dense = dense + relevance_loss(lens, grid.cells, targets[..., 0], *yes_no)
             if attend:
                 dense = dense + settings["attention_weight"] * attention_loss(
-                    outputs.attentions[ATTEND_LAYER], grid.inputs["labels"], grid.cells, targets[..., 0],
+                    rows, grid.inputs["labels"], grid.cells, targets[..., 0],
                     targets[..., 1])
             total = loss + settings["dense_weight"] * dense
             if teacher is not None:
@@ -415,8 +419,6 @@ def train(
             _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                          "step": step + 1, "history": history, "settings": settings})
     logf.close()
-    if settings["attention_weight"] > 0:
-        model.model.language_model.set_attn_implementation("sdpa")
     model.eval()
     if out is not None and stop == settings["steps"]:
         if not history["evals"] or history["evals"][-1]["step"] != settings["steps"]:
