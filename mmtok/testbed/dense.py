@@ -230,12 +230,37 @@ def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.
         Scalar: mean over key tokens plus mean over the others, halved (the mean over whichever kind exists
         when a batch has only one).
     """
+    return balanced_mean(*relevance_terms(logits, visual_cells, key, yes_id, no_id))
+
+
+def relevance_terms(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums and counts behind :func:`relevance_loss`, so that sub-batches can be pooled exactly.
+
+    Returns:
+        ``[2]`` float sums of the cross-entropies over the other tokens and over the key tokens, and ``[2]``
+        long counts of those tokens.
+    """
     rows, cols = (visual_cells >= 0).nonzero(as_tuple=True)
     target = key[rows, visual_cells[rows, cols]]
     two = logits[rows, cols][:, [no_id, yes_id]].float()
     each = torch.nn.functional.cross_entropy(two, target, reduction="none")
-    parts = [each[target == v].mean() for v in (0, 1) if bool((target == v).any())]
-    return sum(parts) / len(parts)
+    return (torch.stack([each[target == v].sum() for v in (0, 1)]),
+            torch.stack([(target == v).sum() for v in (0, 1)]))
+
+
+def balanced_mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-class means ``sums / counts`` over the classes that occur (see :func:`relevance_terms`).
+
+    Raises:
+        ValueError: no class occurs (no media tokens).
+    """
+    present = counts > 0
+    if not bool(present.any()):
+        raise ValueError("no media tokens to mark: the batch has no visual cells")
+    return (sums[present] / counts[present]).sum() / present.sum()
+
+
 
 
 def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor,
@@ -265,6 +290,13 @@ def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_
     Returns:
         Scalar mean over rows with key tokens (0 when no row has any).
     """
+    total, count = attention_terms(attn, labels, visual_cells, key, order, head)
+    return total / count if count else total
+
+
+def attention_terms(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_cells: torch.Tensor,
+                    key: torch.Tensor, order: torch.Tensor | None = None, head: int = 0) -> tuple[torch.Tensor, int]:
+    """The sum over rows and the row count behind :func:`attention_loss` (same arguments), for pooling."""
     def row(b: int, position: int) -> torch.Tensor:
         return attn.at(b, position) if isinstance(attn, QueryRows) else attn[b, head, position]
 
@@ -285,7 +317,9 @@ def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_
             continue
         masses = torch.stack([row(b, int(answer[i]) - 1)[words == i + 1].sum() for i in range(n_words)])
         losses.append(-torch.log(masses.float().clamp_min(1e-6)).mean())
-    return torch.stack(losses).mean() if losses else labels.new_zeros((), dtype=torch.float)
+    if not losses:
+        return labels.new_zeros((), dtype=torch.float), 0
+    return torch.stack(losses).sum(), len(losses)
 
 
 def class_word_ids(tokenizer: Any, heads: Sequence[Sequence[str]] = VISUAL_HEADS) -> list[list[int]]:

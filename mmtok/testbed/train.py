@@ -17,30 +17,22 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmtok.testbed.attention_rows import answer_query_positions, query_rows
 from mmtok.testbed.card import describe_hardware, export, stage
 from mmtok.testbed.curriculum import background_share, keep_mask
 from mmtok.testbed.data import dataset
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
-from mmtok.testbed.dense import (
-    IMAGE_HEADS,
-    VISUAL_HEADS,
-    DenseProbe,
-    attention_loss,
-    batch_labels,
-    class_word_ids,
-    relevance_loss,
-)
+from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids
 from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
+from mmtok.testbed.dense_step import ATTEND_LAYER, dense_parts, pool, split_by_medium
 from mmtok.testbed.dense_video import video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
-from mmtok.testbed.media_grid import MEDIA, grid_inputs, model_kind, on_layout_grid, tokens_per_side
+from mmtok.testbed.media_grid import MEDIA, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
 from mmtok.testbed.position_homotopy import blended_position_ids, homotopy_weight
@@ -55,12 +47,6 @@ from mmtok.testbed.train_measures import (
 from mmtok.testbed.transfer import transfer_language_model
 
 ROOT = Path(__file__).resolve().parents[2]
-# The relevance marks are read out after the first language-model layer (through the final norm and the tied
-# head), so that the later layers' attention from the answer position can use them; read out at the last
-# layer, they were learned (every key cell marked) but came too late to be attended to.
-RELEVANCE_LAYER = 1
-# Attention supervision (dense.attention_loss) on the layer after the marks: its head 0 at the answer position.
-ATTEND_LAYER = 1
 # Train-split scenes (of seed + 1, so not a batch the run trains on first) for fitting a Qwen2-VL merger's
 # output layer to the distillation teacher: 48 x 256 tokens for 385 x 128 unknowns.
 FIT_ITEMS = 48
@@ -363,26 +349,14 @@ def train(
         if probes:
             keep = (keep_mask(labels["image"], share, torch.Generator().manual_seed(seed * 1_000_003 + step))
                     if share < 1 else None)
-            grid = grid_inputs(model, batch, keep)
-            _blend_positions(model, grid.inputs, step, settings)
-            attend = settings["attention_weight"] > 0
-            with grid.capturing(), ExitStack() as stack:
-                rows = (stack.enter_context(query_rows(model, ATTEND_LAYER, answer_query_positions(
-                    grid.inputs["labels"]))) if attend else None)
-                outputs = model(**grid.inputs, output_hidden_states=True)
-            loss = outputs.loss
-            lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
-            # Targets: the probe heads' columns first, then the key flag and the answer-word order.
-            dense = sum(probes[m](grid.tokens[m], labels[m]) for m in grid.tokens)
-            targets = grid.per_row({m: labels[m][..., -2:] for m in grid.tokens})
-            dense = dense + relevance_loss(lens, grid.cells, targets[..., 0], *yes_no)
-            if attend:
-                dense = dense + settings["attention_weight"] * attention_loss(
-                    rows, grid.inputs["labels"], grid.cells, targets[..., 0],
-                    targets[..., 1])
+            blend = partial(_blend_positions, model, step=step, settings=settings)
+            parts = [dense_parts(model, sub, labels, probes, yes_no, settings["attention_weight"] > 0, keep, blend)
+                     for sub in split_by_medium(model, batch)]
+            loss, dense = pool(parts, settings["attention_weight"])
             total = loss + settings["dense_weight"] * dense
             if teacher is not None:
-                distill = feature_distill_loss(grid.tokens["image"], teacher.tokens(teacher_pixels))
+                image_tokens = next(p.tokens["image"] for p in parts if "image" in p.tokens)
+                distill = feature_distill_loss(image_tokens, teacher.tokens(teacher_pixels))
                 total = total + settings["distill_weight"] * distill
             total.backward()
         else:

@@ -1,0 +1,142 @@
+"""The losses of one dense-supervised training step, pooled exactly over the media of a mixed batch.
+
+A ``testbed-qwen2vl`` batch mixes image rows (278 tokens) and video rows (1,180): in one forward pass the
+image rows are padded to the video length, and the language model computes on the padding as on real
+tokens (SDPA on the CPU masks it but still runs the blocks), so half of a batch of 8 images and 8 videos is
+padding. :func:`split_by_medium` cuts such a batch into one sub-batch per medium, each trimmed to its own
+longest row; :func:`dense_parts` runs one forward pass and returns each loss as a sum with its count
+(answer tokens, media tokens per relevance class, rows with key tokens), and :func:`pool` adds the
+sub-batches' sums and divides by the pooled counts, which gives the very losses of the unsplit batch (a
+test checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmtok.testbed.attention_rows import answer_query_positions, query_rows
+from mmtok.testbed.dense import DenseProbe, attention_terms, balanced_mean, relevance_terms
+from mmtok.testbed.media_grid import grid_inputs, model_kind
+from mmtok.testbed.models import IGNORE, TOKEN_KEYS
+
+# The relevance marks are read out after the first language-model layer (through the final norm and the tied
+# head), so that the later layers' attention from the answer position can use them; read out at the last
+# layer, they were learned (every key cell marked) but came too late to be attended to.
+RELEVANCE_LAYER = 1
+# Attention supervision (dense.attention_loss) on the layer after the marks: its head 0 at the answer position.
+ATTEND_LAYER = 1
+# Qwen2-VL's media tensors per medium, and the config attribute of its placeholder token.
+_MEDIA_KEYS = {"image": ("pixel_values", "image_grid_thw", "image_token_id"),
+               "video": ("pixel_values_videos", "video_grid_thw", "video_token_id")}
+
+
+@dataclass
+class DenseParts:
+    """One forward pass's losses as sums and counts (see :func:`pool`).
+
+    Attributes:
+        answer_sum: summed cross-entropy of the answer tokens; ``answer_count`` of them.
+        probe: the dense probes' loss, summed over this pass's media (each a mean over its own tokens).
+        relevance_sums: ``[2]`` relevance cross-entropy sums over other and key tokens; ``relevance_counts``.
+        attention_sum: attention-supervision loss summed over ``attention_count`` rows (0 when off).
+        tokens: per medium, ``[n_media, N, hidden]`` the media tokens the language model received.
+    """
+
+    answer_sum: torch.Tensor
+    answer_count: int
+    probe: torch.Tensor
+    relevance_sums: torch.Tensor
+    relevance_counts: torch.Tensor
+    attention_sum: torch.Tensor
+    attention_count: int
+    tokens: dict[str, torch.Tensor]
+
+
+def split_by_medium(model: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A Qwen2-VL batch with image rows and video rows -> an image sub-batch and a video sub-batch.
+
+    Each sub-batch keeps its rows' per-token tensors (:data:`~mmtok.testbed.models.TOKEN_KEYS`), cut to its
+    longest row (the rows are right-padded), and its medium's pixel values and grids whole. Batches of
+    other models, of one medium, or with a row holding both media or neither are returned whole.
+
+    Args:
+        model: the model being trained.
+        batch: a right-padded batch of :func:`mmtok.testbed.models.encode_items`.
+
+    Returns:
+        The sub-batches, in the order image, video (or ``[batch]``).
+    """
+    if model_kind(model) != "qwen2vl":
+        return [batch]
+    ids = batch["input_ids"]
+    rows = {m: (ids == getattr(model.config, keys[2])).any(1) for m, keys in _MEDIA_KEYS.items()
+            if batch.get(keys[0]) is not None}
+    if len(rows) < 2 or (rows["image"] & rows["video"]).any() or not (rows["image"] | rows["video"]).all():
+        return [batch]
+    out = []
+    for medium, keep in rows.items():
+        length = int(batch["attention_mask"][keep].sum(1).max())
+        sub = {k: v[keep, :length] for k, v in batch.items() if k in TOKEN_KEYS}
+        pixels, grid, _ = _MEDIA_KEYS[medium]
+        sub[pixels], sub[grid] = batch[pixels], batch[grid]
+        out.append(sub)
+    return out
+
+
+def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                probes: dict[str, DenseProbe], yes_no: Sequence[int], attend: bool,
+                keep: torch.Tensor | None = None,
+                positions: Callable[[dict[str, Any]], None] | None = None) -> DenseParts:
+    """One forward pass of ``batch`` with the dense supervision's read-outs.
+
+    Args:
+        model: a testbed model whose media tokens lie on the scenes' grids (:mod:`mmtok.testbed.media_grid`).
+        batch: the model's inputs with ``labels``.
+        labels: per medium, ``[n_media, N, 5]`` dense targets (:func:`mmtok.testbed.dense.batch_labels`); the
+            media this batch holds are used.
+        probes: per medium, its :class:`~mmtok.testbed.dense.DenseProbe`.
+        yes_no: token ids of "yes" and "no" (the relevance marks).
+        attend: compute the attention supervision (head 0 of layer :data:`ATTEND_LAYER`).
+        keep: ``[n_images, N]`` the image tokens kept by the curriculum (Llava only), or None.
+        positions: edits the built inputs in place before the forward pass (the position homotopy).
+    """
+    grid = grid_inputs(model, batch, keep)
+    if positions is not None:
+        positions(grid.inputs)
+    answers = grid.inputs.pop("labels")  # the loss is computed here, as a sum (see pool)
+    with grid.capturing(), ExitStack() as stack:
+        rows = stack.enter_context(query_rows(model, ATTEND_LAYER, answer_query_positions(answers))) if attend else None
+        outputs = model(**grid.inputs, output_hidden_states=True)
+    targets = answers[:, 1:]
+    answer_count = int((targets != IGNORE).sum())
+    answer_sum = torch.nn.functional.cross_entropy(
+        outputs.logits[:, :-1].float().reshape(-1, outputs.logits.shape[-1]), targets.reshape(-1),
+        ignore_index=IGNORE, reduction="sum")
+    lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
+    # Targets: the probe heads' columns first, then the key flag and the answer-word order.
+    probe = sum(probes[m](grid.tokens[m], labels[m]) for m in grid.tokens)
+    flags = grid.per_row({m: labels[m][..., -2:] for m in grid.tokens})
+    relevance_sums, relevance_counts = relevance_terms(lens, grid.cells, flags[..., 0], *yes_no)
+    attention_sum, attention_count = (attention_terms(rows, answers, grid.cells, flags[..., 0], flags[..., 1])
+                                      if attend else (answer_sum.new_zeros(()), 0))
+    return DenseParts(answer_sum, answer_count, probe, relevance_sums, relevance_counts, attention_sum,
+                      attention_count, grid.tokens)
+
+
+def pool(parts: Sequence[DenseParts], attention_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(answer loss, dense loss)`` of the whole batch from its sub-batches' :class:`DenseParts`.
+
+    The answer loss is the mean over all answer tokens (as the stock models' ``loss``); the dense loss is the
+    probes' losses plus the class-balanced relevance loss over all media tokens plus ``attention_weight``
+    times the attention loss's mean over all rows with key tokens.
+    """
+    answer = sum(p.answer_sum for p in parts) / max(1, sum(p.answer_count for p in parts))
+    relevance = balanced_mean(sum(p.relevance_sums for p in parts), sum(p.relevance_counts for p in parts))
+    rows = sum(p.attention_count for p in parts)
+    attention = sum(p.attention_sum for p in parts) / rows if rows else parts[0].attention_sum
+    return answer, sum(p.probe for p in parts) + relevance + attention_weight * attention

@@ -1,0 +1,63 @@
+"""dense_step: a mixed Qwen2-VL batch split by medium gives the very losses of the whole batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mmtok.testbed.data import dataset  # noqa: E402
+from mmtok.testbed.data.images import CELL  # noqa: E402
+from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids  # noqa: E402
+from mmtok.testbed.dense_step import dense_parts, pool, split_by_medium  # noqa: E402
+from mmtok.testbed.dense_video import video_batch_labels  # noqa: E402
+from mmtok.testbed.models import Size, encode_items, get_spec  # noqa: E402
+
+# The shipped Qwen2-VL token grids (16 x 16 per image, 8 x 12 x 12 per video) with small widths.
+GRID = Size(image_size=448, video_size=336, patch_size=14, merge_size=2, vision_hidden=32, vision_layers=1,
+            vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, mlp_ratio=2)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    torch.set_num_threads(1)
+    model, processor = get_spec("testbed-qwen2vl").build(GRID, 0)
+    items = list(dataset("image", "train", 2, 5, form="mixed")) + list(dataset("video", "train", 2, 5, form="mixed"))
+    batch = encode_items(processor, items)
+    labels = {"image": batch_labels(items, CELL), "video": video_batch_labels(items)}
+    words = model.get_input_embeddings()
+    probes = {m: DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads)
+              for m, heads in (("image", IMAGE_HEADS), ("video", VISUAL_HEADS))}
+    yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
+    return model.eval(), batch, labels, probes, yes_no
+
+
+def test_split_cuts_rows_and_padding(mixed) -> None:
+    model, batch, *_ = mixed
+    image, video = split_by_medium(model, batch)
+    assert image["input_ids"].shape[0] == video["input_ids"].shape[0] == 2
+    assert video["input_ids"].shape[1] == batch["input_ids"].shape[1]  # the videos are the longest rows
+    assert image["input_ids"].shape[1] == int(batch["attention_mask"][:2].sum(1).max()) < batch["input_ids"].shape[1]
+    assert torch.equal(image["input_ids"], batch["input_ids"][:2, :image["input_ids"].shape[1]])
+    assert "pixel_values_videos" not in image and "pixel_values" not in video
+    assert torch.equal(video["pixel_values_videos"], batch["pixel_values_videos"])
+    assert split_by_medium(model, image) == [image]  # one medium: whole
+
+
+def test_pooled_parts_equal_the_whole_batch(mixed) -> None:
+    model, batch, labels, probes, yes_no = mixed
+    whole = dense_parts(model, batch, labels, probes, yes_no, attend=True)
+    parts = [dense_parts(model, sub, labels, probes, yes_no, attend=True) for sub in split_by_medium(model, batch)]
+    assert [sorted(p.tokens) for p in parts] == [["image"], ["video"]]
+    with torch.no_grad():
+        stock = model(**batch).loss
+    answer, dense = pool(parts, attention_weight=0.7)
+    want_answer, want_dense = pool([whole], attention_weight=0.7)
+    assert torch.allclose(want_answer, stock, atol=1e-5)  # the summed answer loss is the stock one
+    assert torch.allclose(answer, want_answer, atol=1e-5)
+    assert torch.allclose(dense, want_dense, atol=1e-5)
+    assert whole.attention_count == sum(p.attention_count for p in parts) > 0
+    assert torch.equal(whole.relevance_counts, sum(p.relevance_counts for p in parts))
