@@ -14,7 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from mmtok.testbed.data import dataset, families  # noqa: E402
 from mmtok.testbed.data.videos import CELL, VIDEO_FRAMES, VIDEO_SIZE  # noqa: E402
 from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES  # noqa: E402
-from mmtok.testbed.dense_video import video_batch_labels, video_cell_labels, video_key_cells  # noqa: E402
+from mmtok.testbed.dense_video import (  # noqa: E402
+    time_terms,
+    time_words,
+    video_batch_labels,
+    video_cell_labels,
+    video_key_cells,
+)
 from mmtok.testbed.models import get_spec  # noqa: E402
 
 G = VIDEO_SIZE // CELL
@@ -54,7 +60,26 @@ def test_every_generated_video_question_has_event_tokens() -> None:
         assert int(lab[:, 3].sum()) >= 1, it.family
         patches = {int(i) // (G * G) for i in lab[:, 3].nonzero()}
         assert patches <= {f // 2 for f in it.scene["query"]["key"]}
-        assert int(lab[:, 4].abs().sum()) == 0
+        if it.family in ("first", "last"):  # the answer word attends to its own object's appearance
+            assert lab[:, 4].tolist() == video_key_cells(it.scene, frames=it.scene["query"]["answer_key"]).tolist()
+        else:
+            assert int(lab[:, 4].abs().sum()) == 0
+
+
+def test_first_and_last_point_the_answer_at_its_appearance() -> None:
+    for family in ("first", "last"):
+        for it in dataset("video", "train", 4, 3, families=[family], form="mixed"):
+            lab = video_batch_labels([it])[0]
+            marked = lab[:, 4].nonzero()[:, 0]
+            assert len(marked) == 1 and int(lab[marked[0], 3]) == 1  # one token, one of the key events
+            patch, cell = divmod(int(marked[0]), G * G)
+            frame = it.scene["frames"][2 * patch]
+            (obj,) = [o for o in frame if (((o["box"][1] + o["box"][3]) // 2) // CELL * G
+                                           + ((o["box"][0] + o["box"][2]) // 2) // CELL) == cell]
+            assert f"{obj['colour']} {obj['shape']}" == it.answer
+            # it is the answer's first frame: it was not there one patch before
+            before = it.scene["frames"][2 * patch - 2] if patch else []
+            assert all(o["id"] != obj["id"] for o in before)
     with pytest.raises(ValueError, match="video"):
         video_batch_labels(list(dataset("image", "train", 1)))
 
@@ -72,3 +97,26 @@ def test_qwen_video_token_order_is_patch_row_column() -> None:
     deviation = (per_token - per_token[0]).abs().mean(1)
     assert int(deviation.argmax()) == patch * G * G + row * G + col
     assert float(deviation.sort().values[-2]) < 0.25 * float(deviation.max())
+
+
+def test_time_terms_known_answer() -> None:
+    words = [10 + p for p in range(8)]
+    per_patch = G * G
+    # row 0: a video whose tokens 0 (patch 0) and 3 * per_patch + 5 (patch 3) sit at positions 1 and 2;
+    # row 1: an image row, left out
+    cells = torch.tensor([[-1, 0, 3 * per_patch + 5], [-1, 0, 1]])
+    rows = torch.tensor([True, False])
+    logits = torch.zeros(2, 3, 20)
+    logits[0, 1, 10] = 2.0  # names patch 0: right
+    logits[0, 2, 11] = 2.0  # names patch 1, the token is in patch 3: wrong
+    total, count = time_terms(logits, cells, rows, words)
+    right = -torch.log_softmax(torch.tensor([2.0] + [0.0] * 7), 0)[0]
+    wrong = -torch.log_softmax(torch.tensor([0.0, 2.0] + [0.0] * 6), 0)[3]
+    assert count == 2 and torch.allclose(total, right + wrong)
+    assert time_terms(logits, cells, torch.tensor([False, False]), words)[1] == 0
+
+
+def test_time_words_are_the_digits() -> None:
+    _, processor = get_spec("testbed-qwen2vl").build("tiny")
+    ids = time_words(processor.tokenizer)
+    assert processor.tokenizer.convert_ids_to_tokens(ids) == [str(p) for p in range(1, 9)]

@@ -21,6 +21,7 @@ import torch
 
 from mmtok.testbed.attention_rows import answer_query_positions, query_rows
 from mmtok.testbed.dense import DenseProbe, attention_terms, balanced_mean, relevance_terms
+from mmtok.testbed.dense_video import time_terms
 from mmtok.testbed.media_grid import grid_inputs, model_kind
 from mmtok.testbed.models import IGNORE, TOKEN_KEYS
 
@@ -44,6 +45,7 @@ class DenseParts:
         probe: the dense probes' loss, summed over this pass's media (each a mean over its own tokens).
         relevance_sums: ``[2]`` relevance cross-entropy sums over other and key tokens; ``relevance_counts``.
         attention_sum: attention-supervision loss summed over ``attention_count`` rows (0 when off).
+        time_sum: the time read-out's cross-entropy summed over ``time_count`` video tokens (0 when off).
         tokens: per medium, ``[n_media, N, hidden]`` the media tokens the language model received.
     """
 
@@ -54,6 +56,8 @@ class DenseParts:
     relevance_counts: torch.Tensor
     attention_sum: torch.Tensor
     attention_count: int
+    time_sum: torch.Tensor
+    time_count: int
     tokens: dict[str, torch.Tensor]
 
 
@@ -91,7 +95,8 @@ def split_by_medium(model: Any, batch: dict[str, torch.Tensor]) -> list[dict[str
 def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
                 probes: dict[str, DenseProbe], yes_no: Sequence[int], attend: bool,
                 keep: torch.Tensor | None = None,
-                positions: Callable[[dict[str, Any]], None] | None = None) -> DenseParts:
+                positions: Callable[[dict[str, Any]], None] | None = None,
+                time: Sequence[int] | None = None) -> DenseParts:
     """One forward pass of ``batch`` with the dense supervision's read-outs.
 
     Args:
@@ -104,6 +109,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
         attend: compute the attention supervision (head 0 of layer :data:`ATTEND_LAYER`).
         keep: ``[n_images, N]`` the image tokens kept by the curriculum (Llava only), or None.
         positions: edits the built inputs in place before the forward pass (the position homotopy).
+        time: the :func:`~mmtok.testbed.dense_video.time_words` when video tokens are trained to name their
+            temporal patch (:func:`~mmtok.testbed.dense_video.time_terms`); None: not.
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
@@ -124,19 +131,31 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     relevance_sums, relevance_counts = relevance_terms(lens, grid.cells, flags[..., 0], *yes_no)
     attention_sum, attention_count = (attention_terms(rows, answers, grid.cells, flags[..., 0], flags[..., 1])
                                       if attend else (answer_sum.new_zeros(()), 0))
+    time_sum, time_count = (time_terms(lens, grid.cells, grid.rows["video"], time)
+                            if time is not None and "video" in grid.rows else (answer_sum.new_zeros(()), 0))
     return DenseParts(answer_sum, answer_count, probe, relevance_sums, relevance_counts, attention_sum,
-                      attention_count, grid.tokens)
+                      attention_count, time_sum, time_count, grid.tokens)
 
 
-def pool(parts: Sequence[DenseParts], attention_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(answer loss, dense loss)`` of the whole batch from its sub-batches' :class:`DenseParts`.
+def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: float = 0.0
+         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """``(answer loss, dense loss, terms)`` of the whole batch from its sub-batches' :class:`DenseParts`.
 
     The answer loss is the mean over all answer tokens (as the stock models' ``loss``); the dense loss is the
     probes' losses plus the class-balanced relevance loss over all media tokens plus ``attention_weight``
-    times the attention loss's mean over all rows with key tokens.
+    times the attention loss's mean over all rows with key tokens plus ``time_weight`` times the time
+    read-out's mean over all video tokens. ``terms`` holds the unweighted dense terms, for the log.
     """
     answer = sum(p.answer_sum for p in parts) / max(1, sum(p.answer_count for p in parts))
+    probe = sum(p.probe for p in parts)
     relevance = balanced_mean(sum(p.relevance_sums for p in parts), sum(p.relevance_counts for p in parts))
     rows = sum(p.attention_count for p in parts)
     attention = sum(p.attention_sum for p in parts) / rows if rows else parts[0].attention_sum
-    return answer, sum(p.probe for p in parts) + relevance + attention_weight * attention
+    dense = probe + relevance + attention_weight * attention
+    terms = {"probe": float(probe), "relevance": float(relevance), "attention": float(attention)}
+    videos = sum(p.time_count for p in parts)
+    if time_weight and videos:
+        timing = sum(p.time_sum for p in parts) / videos
+        dense = dense + time_weight * timing
+        terms["time"] = float(timing)
+    return answer, dense, terms

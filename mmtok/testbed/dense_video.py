@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mmtok.testbed.data.items import QAItem
-from mmtok.testbed.data.videos import CELL, TEMPORAL
+from mmtok.testbed.data.videos import CELL, PATCHES, TEMPORAL, VIDEO_SIZE
 from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES
 
 
@@ -49,12 +49,14 @@ def video_cell_labels(scene: dict[str, Any]) -> torch.Tensor:
     return out.reshape(patches * g * g, 3)
 
 
-def video_key_cells(scene: dict[str, Any], labels: torch.Tensor | None = None) -> torch.Tensor:
+def video_key_cells(scene: dict[str, Any], labels: torch.Tensor | None = None,
+                    frames: list[int] | None = None) -> torch.Tensor:
     """``[P * G * G]`` long: 1 on the event tokens of the question's key frames, else 0.
 
     Args:
         scene: a video scene (``frames``, ``size``, ``query["key"]`` frame indices).
         labels: its :func:`video_cell_labels` when already computed.
+        frames: other frames than ``query["key"]`` (e.g. ``query["answer_key"]``).
     """
     labels = video_cell_labels(scene) if labels is None else labels
     g, patches = scene["size"] // CELL, len(scene["frames"]) // TEMPORAL
@@ -66,7 +68,7 @@ def video_key_cells(scene: dict[str, Any], labels: torch.Tensor | None = None) -
     leaving[:-1] = differs & (content[:-1, :, 1] > 0)
     changed = arrived | leaving
     out = torch.zeros(patches, g * g, dtype=torch.long)
-    for p in sorted({int(f) // TEMPORAL for f in scene["query"]["key"]}):
+    for p in sorted({int(f) // TEMPORAL for f in (scene["query"]["key"] if frames is None else frames)}):
         out[p] = changed[p].long()
     return out.reshape(patches * g * g)
 
@@ -75,7 +77,9 @@ def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
     """``[n_videos, P * G * G, 5]`` targets of the video items in ``items`` (other modalities are skipped).
 
     Columns as :func:`mmtok.testbed.dense.batch_labels`: colour, shape, character ("none"), key flag and
-    answer-word order (0: video answers are not read off cells in order).
+    answer-word order: 1 on the event tokens of ``query["answer_key"]`` where a question has one ("which
+    object appeared first / last": the answer's own appearance, among all the key appearances), so the first
+    answer word attends to its object, as an image relation answer does; 0 elsewhere.
 
     Raises:
         ValueError: ``items`` holds no video.
@@ -86,7 +90,52 @@ def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
             continue
         lab = video_cell_labels(it.scene)
         key = video_key_cells(it.scene, lab)
-        rows.append(torch.cat([lab, key[:, None], torch.zeros_like(key)[:, None]], 1))
+        answer = it.scene["query"].get("answer_key")
+        order = torch.zeros_like(key) if answer is None else video_key_cells(it.scene, lab, answer)
+        rows.append(torch.cat([lab, key[:, None], order[:, None]], 1))
     if not rows:
         raise ValueError("video_batch_labels needs at least one video item")
     return torch.stack(rows)
+
+
+def time_words(tokenizer: Any) -> list[int]:
+    """Token ids of the words "1" .. "8" that name a video token's temporal patch in :func:`time_terms`.
+
+    Raises:
+        ValueError: the tokenizer lacks one of them.
+    """
+    ids = [tokenizer.convert_tokens_to_ids(str(p + 1)) for p in range(PATCHES)]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"the time read-out names temporal patches with the words 1 .. {PATCHES}; this tokenizer "
+                         "lacks some of them")
+    return ids
+
+
+def time_terms(logits: torch.Tensor, cells: torch.Tensor, rows: torch.Tensor, words: Sequence[int]
+               ) -> tuple[torch.Tensor, int]:
+    """Cross-entropy (summed) and count of the video tokens naming their own temporal patch.
+
+    Qwen2-VL's vision tower sees each temporal patch on its own and has no time embedding, so a video
+    token's content says nothing of when it is; time reaches the language model only through M-RoPE's
+    temporal index, which rotates queries and keys and never enters the tokens themselves. The questions
+    about order and timing ("which appeared first", "when did it flash") need the time in the tokens the
+    answer position reads. As the relevance marks are (:func:`mmtok.testbed.dense.relevance_loss`), the
+    model's own next-word logits after the first layer, restricted to ``words``, are trained at each video
+    token to name its temporal patch: the first layer learns to write the M-RoPE time into the token (as
+    the 2-D position code gave Llava's image tokens their place, :mod:`mmtok.testbed.position_code`).
+
+    Args:
+        logits: ``[B, L, V]`` next-word logits read out after the first layer.
+        cells: ``[B, L]`` the index of each media position within its media's tokens, -1 elsewhere.
+        rows: ``[B]`` bool, the video rows.
+        words: the :func:`time_words`, one per temporal patch.
+
+    Returns:
+        The summed cross-entropy and the number of video tokens (0 and 0 without video rows).
+    """
+    where = (cells >= 0) & rows[:, None]
+    if not bool(where.any()):
+        return logits.new_zeros((), dtype=torch.float), 0
+    patch = cells[where] // ((VIDEO_SIZE // CELL) ** 2)
+    chosen = logits[where][:, list(words)].float()
+    return torch.nn.functional.cross_entropy(chosen, patch, reduction="sum"), int(where.sum())

@@ -30,7 +30,7 @@ from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids
 from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_step import ATTEND_LAYER, dense_parts, pool, split_by_medium
-from mmtok.testbed.dense_video import video_batch_labels
+from mmtok.testbed.dense_video import time_words, video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
 from mmtok.testbed.media_grid import MEDIA, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
@@ -137,6 +137,7 @@ def train(
     distill_weight: float = 1.0,
     modalities: Sequence[str] | None = None,
     position_homotopy: float = 0.0,
+    time_weight: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -195,6 +196,8 @@ def train(
             all of the spec's.
         position_homotopy: share of the steps over which a Qwen2-VL model's position ids move from 1-D to
             M-RoPE (:mod:`mmtok.testbed.position_homotopy`); 0 (default) trains at M-RoPE throughout.
+        time_weight: weight of the time read-out (:func:`mmtok.testbed.dense_video.time_terms`: each video
+            token names its temporal patch after the first layer) in the dense loss; 0 (default): off.
         log: where progress lines go.
 
     Returns:
@@ -202,7 +205,8 @@ def train(
 
     Raises:
         ValueError: an unknown name or size, non-positive steps / batch size, modalities the spec lacks, or
-            distillation without image batches, dense tokens or a matching teacher.
+            distillation without image batches, dense tokens or a matching teacher, or a time read-out
+            without video batches and dense tokens.
     """
     spec = get_spec(name)
     d = spec.train_defaults
@@ -221,6 +225,8 @@ def train(
     if position_homotopy:
         homotopy_weight(0, 1, position_homotopy)  # validates the share
         settings["position_homotopy"] = float(position_homotopy)
+    if time_weight:
+        settings["time_weight"] = float(time_weight)  # absent when off: older runs' settings still resume
     if modalities is not None:
         unknown = sorted(set(modalities) - set(spec.modalities))
         if unknown or not modalities:
@@ -283,6 +289,12 @@ def train(
             heads = {"image": IMAGE_HEADS, "video": VISUAL_HEADS, "audio": AUDIO_HEADS}[media]
             probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads).to(device_of(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
+    clock_words = None
+    if time_weight:
+        if not probes or "video" not in settings.get("modalities", spec.modalities):
+            raise ValueError("the time read-out trains video tokens on the scenes' grid: use it with dense_weight > 0 "
+                             "and video batches")
+        clock_words = time_words(processor.tokenizer)
     teacher = None
     if distill_from is not None:
         if not probes:
@@ -350,9 +362,9 @@ def train(
             keep = (keep_mask(labels["image"], share, torch.Generator().manual_seed(seed * 1_000_003 + step))
                     if share < 1 else None)
             blend = partial(_blend_positions, model, step=step, settings=settings)
-            parts = [dense_parts(model, sub, labels, probes, yes_no, settings["attention_weight"] > 0, keep, blend)
-                     for sub in split_by_medium(model, batch)]
-            loss, dense = pool(parts, settings["attention_weight"])
+            parts = [dense_parts(model, sub, labels, probes, yes_no, settings["attention_weight"] > 0, keep, blend,
+                                 clock_words) for sub in split_by_medium(model, batch)]
+            loss, dense, terms = pool(parts, settings["attention_weight"], time_weight)
             total = loss + settings["dense_weight"] * dense
             if teacher is not None:
                 image_tokens = next(p.tokens["image"] for p in parts if "image" in p.tokens)
@@ -360,7 +372,7 @@ def train(
                 total = total + settings["distill_weight"] * distill
             total.backward()
         else:
-            dense = None
+            dense, terms = None, {}
             _blend_positions(model, batch, step, settings)
             loss = model(**batch).loss
             loss.backward()
@@ -375,6 +387,7 @@ def train(
         if dense is not None:
             history.setdefault("dense_losses", []).append(dense.item())
             rec["dense_loss"] = round(dense.item(), 4)
+            rec["dense_terms"] = {k: round(v, 4) for k, v in terms.items()}
         if distill is not None:
             history.setdefault("distill_losses", []).append(distill.item())
             rec["distill_loss"] = round(distill.item(), 4)

@@ -151,7 +151,9 @@ def _order(rng: np.random.Generator, last: bool) -> Draft:
         v.still(name)
     answer = names[k - 1] if last else names[0]
     question = f"which object appeared {'last' if last else 'first'} ?"
-    return Draft(v.scene({"key": times}), question, answer, mc_choices(rng, answer, COMBOS, hard=names))
+    # "answer_key": the frame where the answer itself appears (the dense targets point the answer at it).
+    query = {"key": times, "answer_key": [times[-1] if last else times[0]]}
+    return Draft(v.scene(query), question, answer, mc_choices(rng, answer, COMBOS, hard=names))
 
 
 def _flash_count(rng: np.random.Generator) -> Draft:
