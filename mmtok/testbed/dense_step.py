@@ -152,10 +152,11 @@ def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: floa
     rows = sum(p.attention_count for p in parts)
     attention = sum(p.attention_sum for p in parts) / rows if rows else parts[0].attention_sum
     dense = probe + relevance + attention_weight * attention
-    terms = {"probe": float(probe), "relevance": float(relevance), "attention": float(attention)}
+    terms = {"probe": float(probe.detach()), "relevance": float(relevance.detach()),
+             "attention": float(attention.detach())}
     videos = sum(p.time_count for p in parts)
     if time_weight and videos:
         timing = sum(p.time_sum for p in parts) / videos
         dense = dense + time_weight * timing
-        terms["time"] = float(timing)
+        terms["time"] = float(timing.detach())
     return answer, dense, terms
