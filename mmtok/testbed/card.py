@@ -102,7 +102,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
 
 STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
 # Settings a stage has only when it used them; the card's "sources" column names them.
-SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy")
+SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight")
 
 
 def stage_sources(settings: dict[str, Any]) -> str:
@@ -116,6 +116,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
         parts.append(f"{' + '.join(settings['modalities'])} only")
     if settings.get("position_homotopy"):
         parts.append(f"positions 1-D -> M-RoPE over {settings['position_homotopy']:.0%} of the steps")
+    if settings.get("time_weight"):
+        parts.append(f"video time read-out (weight {settings['time_weight']})")
     return "; ".join(parts) or "-"
 
 
