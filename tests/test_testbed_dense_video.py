@@ -60,8 +60,10 @@ def test_every_generated_video_question_has_event_tokens() -> None:
         assert int(lab[:, 3].sum()) >= 1, it.family
         patches = {int(i) // (G * G) for i in lab[:, 3].nonzero()}
         assert patches <= {f // 2 for f in it.scene["query"]["key"]}
-        if it.family in ("first", "last"):  # the answer word attends to its own object's appearance
-            assert lab[:, 4].tolist() == video_key_cells(it.scene, frames=it.scene["query"]["answer_key"]).tolist()
+        if it.family in ("first", "last", "moved"):  # the answer word attends to the object it names
+            events = video_key_cells(it.scene, frames=it.scene["query"]["answer_key"])
+            assert lab[:, 4].tolist() == (events * (lab[:, 1] > 0)).tolist()
+            assert int(lab[:, 4].sum()) >= 1
         else:
             assert int(lab[:, 4].abs().sum()) == 0
 
@@ -120,3 +122,15 @@ def test_time_words_are_the_digits() -> None:
     _, processor = get_spec("testbed-qwen2vl").build("tiny")
     ids = time_words(processor.tokenizer)
     assert processor.tokenizer.convert_ids_to_tokens(ids) == [str(p) for p in range(1, 9)]
+
+
+def test_moved_points_the_answer_at_the_mover_only() -> None:
+    for it in dataset("video", "train", 4, 3, families=["moved"], form="mixed"):
+        lab = video_batch_labels([it])[0]
+        marked = lab[:, 4].nonzero()[:, 0]
+        assert len(marked) >= 2  # where it rested before the move and where it went
+        assert (lab[marked, 3] == 1).all()  # key events, each showing the mover (colour and shape classes)
+        colour, shape = it.answer.split()
+        assert {(COLOUR_CLASSES[int(lab[i, 0])], SHAPE_CLASSES[int(lab[i, 1])]) for i in marked} == {(colour, shape)}
+        # the cells it left empty are key events but not marked
+        assert bool(((lab[:, 3] == 1) & (lab[:, 1] == 0)).any())

@@ -77,9 +77,10 @@ def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
     """``[n_videos, P * G * G, 5]`` targets of the video items in ``items`` (other modalities are skipped).
 
     Columns as :func:`mmtok.testbed.dense.batch_labels`: colour, shape, character ("none"), key flag and
-    answer-word order: 1 on the event tokens of ``query["answer_key"]`` where a question has one ("which
-    object appeared first / last": the answer's own appearance, among all the key appearances), so the first
-    answer word attends to its object, as an image relation answer does; 0 elsewhere.
+    answer-word order: 1 on the event tokens of ``query["answer_key"]`` that show an object, where a question
+    has one, so the first answer word attends to the object it names, as an image relation answer does
+    ("which object appeared first / last": the answer's own appearance among all the key appearances;
+    "which object moved": the mover's tokens, not the cells it left empty); 0 elsewhere.
 
     Raises:
         ValueError: ``items`` holds no video.
@@ -91,7 +92,8 @@ def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
         lab = video_cell_labels(it.scene)
         key = video_key_cells(it.scene, lab)
         answer = it.scene["query"].get("answer_key")
-        order = torch.zeros_like(key) if answer is None else video_key_cells(it.scene, lab, answer)
+        order = (torch.zeros_like(key) if answer is None
+                 else video_key_cells(it.scene, lab, answer) * (lab[:, 1] > 0))  # events that show an object
         rows.append(torch.cat([lab, key[:, None], order[:, None]], 1))
     if not rows:
         raise ValueError("video_batch_labels needs at least one video item")

@@ -199,7 +199,9 @@ def _moved(rng: np.random.Generator) -> Draft:
     v.mover(names[0], *_displacement(rng), p0, steps)
     for name in names[1:]:
         v.still(name)
-    query = {"key": _move_frames(p0, steps)}
+    frames = _move_frames(p0, steps)
+    # The answer is the mover itself: its answer_key frames are the move's, whose object tokens name it.
+    query = {"key": frames, "answer_key": frames}
     return Draft(v.scene(query), "which object moved ?", names[0], mc_choices(rng, names[0], COMBOS, hard=names))
 
 
