@@ -102,7 +102,9 @@ class QAItem:
         media: a PIL RGB image; a list of PIL RGB frames (video); or a float32 waveform ``[samples]`` (audio).
         scene: the JSON-able description the media was rendered from and the answer follows from.
             ``scene["query"]`` holds the question's parameters and ``"key"``: where the answer lies (boxes
-            ``[x0, y0, x1, y1)`` in pixels, frame indices, or ``[start_ms, end_ms)`` spans).
+            ``[x0, y0, x1, y1)`` in pixels, frame indices, or ``[start_ms, end_ms)`` spans); some video
+            questions whose answer names an object add ``"answer_key"``, the frames that show that object's
+            event (the dense training targets point the answer at it).
         sample_rate: audio samples per second (audio only).
         fps: frames per second (video only).
     """
