@@ -23,12 +23,12 @@ from mmtok.table import format_table
 from mmtok.testbed.attention_rows import answer_query_positions, query_rows
 from mmtok.testbed.data import dataset
 from mmtok.testbed.dense import attention_loss, attention_terms
+from mmtok.testbed.dense_step import ATTEND_LAYER as LAYER
 from mmtok.testbed.dense_step import split_by_medium
 from mmtok.testbed.models import IGNORE, Size, encode_items, get_spec
 
 # (testbed, items per modality in the batch), as the shipped models were trained.
 CASES = (("testbed-llava", 32), ("testbed-qwen2vl", 8))
-LAYER = 1  # the supervised layer of mmtok.testbed.train
 SPLIT = "sdpa + query_rows, split by medium"
 
 

@@ -261,8 +261,6 @@ def balanced_mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (sums[present] / counts[present]).sum() / present.sum()
 
 
-
-
 def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor,
                    order: torch.Tensor | None = None, head: int = 0) -> torch.Tensor:
     """Negative log of the attention mass one head puts on the cells each answer word must read.
