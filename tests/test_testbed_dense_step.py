@@ -13,7 +13,7 @@ from mmtok.testbed.data import dataset  # noqa: E402
 from mmtok.testbed.data.images import CELL  # noqa: E402
 from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids  # noqa: E402
 from mmtok.testbed.dense_step import dense_parts, pool, split_by_medium  # noqa: E402
-from mmtok.testbed.dense_video import time_words, video_batch_labels  # noqa: E402
+from mmtok.testbed.dense_video import motion_words, time_words, video_batch_labels  # noqa: E402
 from mmtok.testbed.models import Size, encode_items, get_spec  # noqa: E402
 
 # The shipped Qwen2-VL token grids (16 x 16 per image, 8 x 12 x 12 per video) with small widths.
@@ -32,7 +32,8 @@ def mixed():
     probes = {m: DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads)
               for m, heads in (("image", IMAGE_HEADS), ("video", VISUAL_HEADS))}
     yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
-    return model.eval(), batch, labels, probes, yes_no, time_words(processor.tokenizer)
+    return (model.eval(), batch, labels, probes, yes_no, time_words(processor.tokenizer),
+            motion_words(processor.tokenizer))
 
 
 def test_split_cuts_rows_and_padding(mixed) -> None:
@@ -48,18 +49,23 @@ def test_split_cuts_rows_and_padding(mixed) -> None:
 
 
 def test_pooled_parts_equal_the_whole_batch(mixed) -> None:
-    model, batch, labels, probes, yes_no, clock = mixed
-    whole = dense_parts(model, batch, labels, probes, yes_no, attend=True, time=clock)
-    parts = [dense_parts(model, sub, labels, probes, yes_no, attend=True, time=clock)
+    model, batch, labels, probes, yes_no, clock, steps = mixed
+    whole = dense_parts(model, batch, labels, probes, yes_no, attend=True, time=clock, motion=steps)
+    parts = [dense_parts(model, sub, labels, probes, yes_no, attend=True, time=clock, motion=steps)
              for sub in split_by_medium(model, batch)]
     assert [sorted(p.tokens) for p in parts] == [["image"], ["video"]]
     with torch.no_grad():
         stock = model(**batch).loss
-    answer, dense, terms = pool(parts, attention_weight=0.7, time_weight=0.5)
-    want_answer, want_dense, want_terms = pool([whole], attention_weight=0.7, time_weight=0.5)
-    assert set(terms) == {"probe", "relevance", "attention", "time"}
+    answer, dense, terms = pool(parts, attention_weight=0.7, time_weight=0.5, motion_weight=0.3)
+    want_answer, want_dense, want_terms = pool([whole], attention_weight=0.7, time_weight=0.5, motion_weight=0.3)
+    assert set(terms) == {"probe", "relevance", "attention", "time", "motion"}
     assert all(abs(terms[k] - want_terms[k]) < 1e-5 for k in terms)
-    assert not torch.allclose(dense, pool(parts, attention_weight=0.7)[1])  # the time read-out counts
+    timed = pool(parts, attention_weight=0.7, time_weight=0.5)[1]
+    assert torch.allclose(dense - timed, torch.tensor(0.3 * terms["motion"]), atol=1e-5)  # the motion read-out counts
+    assert not torch.allclose(timed, pool(parts, attention_weight=0.7)[1])  # the time read-out counts
+    objects = int((labels["video"][..., 3] >= 0).sum())
+    assert int(whole.motion_counts.sum()) == int(parts[1].motion_counts.sum()) == objects > 0
+    assert int(parts[0].motion_counts.sum()) == 0
     assert whole.time_count == parts[1].time_count == 2 * 8 * 12 * 12 and parts[0].time_count == 0
     assert torch.allclose(want_answer, stock, atol=1e-5)  # the summed answer loss is the stock one
     assert torch.allclose(answer, want_answer, atol=1e-5)
@@ -68,9 +74,10 @@ def test_pooled_parts_equal_the_whole_batch(mixed) -> None:
     assert torch.equal(whole.relevance_counts, sum(p.relevance_counts for p in parts))
 
 
-def test_time_read_out_needs_video_batches(tmp_path) -> None:
+@pytest.mark.parametrize("read_out", ["time", "motion"])
+def test_video_read_outs_need_video_batches(tmp_path, read_out) -> None:
     from mmtok.testbed.train import train
 
-    with pytest.raises(ValueError, match="time read-out"):
-        train("testbed-qwen2vl", size=GRID, steps=1, batch_size=2, modalities=["image"], time_weight=1.0,
-              work_dir=tmp_path, eval_every=0, log=lambda s: None)
+    with pytest.raises(ValueError, match=f"{read_out} read-out"):
+        train("testbed-qwen2vl", size=GRID, steps=1, batch_size=2, modalities=["image"],
+              **{f"{read_out}_weight": 1.0}, work_dir=tmp_path, eval_every=0, log=lambda s: None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,15 +16,21 @@ from mmtok.testbed.data import dataset, families  # noqa: E402
 from mmtok.testbed.data.videos import CELL, VIDEO_FRAMES, VIDEO_SIZE  # noqa: E402
 from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES  # noqa: E402
 from mmtok.testbed.dense_video import (  # noqa: E402
+    MOTION_COLUMN,
+    MOTION_WORDS,
+    motion_terms,
+    motion_words,
     time_terms,
     time_words,
     video_batch_labels,
     video_cell_labels,
+    video_cell_motion,
     video_key_cells,
 )
 from mmtok.testbed.models import get_spec  # noqa: E402
 
 G = VIDEO_SIZE // CELL
+KEY, ORDER = -2, -1  # the flag columns of video_batch_labels
 
 
 def _scene(key):
@@ -55,25 +62,26 @@ def test_video_key_cells_mark_the_events_of_the_key_patches() -> None:
 def test_every_generated_video_question_has_event_tokens() -> None:
     items = list(dataset("video", "train", 3 * len(families("video")), form="mixed"))
     labels = video_batch_labels(items)
-    assert labels.shape == (len(items), VIDEO_FRAMES // 2 * G * G, 5)
+    assert labels.shape == (len(items), VIDEO_FRAMES // 2 * G * G, 6)
     for it, lab in zip(items, labels, strict=True):
-        assert int(lab[:, 3].sum()) >= 1, it.family
-        patches = {int(i) // (G * G) for i in lab[:, 3].nonzero()}
+        assert int(lab[:, KEY].sum()) >= 1, it.family
+        patches = {int(i) // (G * G) for i in lab[:, KEY].nonzero()}
         assert patches <= {f // 2 for f in it.scene["query"]["key"]}
-        if it.family in ("first", "last", "moved"):  # the answer word attends to the object it names
+        assert lab[:, MOTION_COLUMN].tolist() == video_cell_motion(it.scene).tolist()
+        if it.family in ("first", "last", "moved", "direction"):  # the answer word attends to the object it names
             events = video_key_cells(it.scene, frames=it.scene["query"]["answer_key"])
-            assert lab[:, 4].tolist() == (events * (lab[:, 1] > 0)).tolist()
-            assert int(lab[:, 4].sum()) >= 1
+            assert set(lab[:, ORDER].nonzero()[:, 0].tolist()) <= set((events * (lab[:, 1] > 0)).nonzero()[:, 0].tolist())
+            assert int(lab[:, ORDER].sum()) >= 1
         else:
-            assert int(lab[:, 4].abs().sum()) == 0
+            assert int(lab[:, ORDER].abs().sum()) == 0
 
 
 def test_first_and_last_point_the_answer_at_its_appearance() -> None:
     for family in ("first", "last"):
         for it in dataset("video", "train", 4, 3, families=[family], form="mixed"):
             lab = video_batch_labels([it])[0]
-            marked = lab[:, 4].nonzero()[:, 0]
-            assert len(marked) == 1 and int(lab[marked[0], 3]) == 1  # one token, one of the key events
+            marked = lab[:, ORDER].nonzero()[:, 0]
+            assert len(marked) == 1 and int(lab[marked[0], KEY]) == 1  # one token, one of the key events
             patch, cell = divmod(int(marked[0]), G * G)
             frame = it.scene["frames"][2 * patch]
             (obj,) = [o for o in frame if (((o["box"][1] + o["box"][3]) // 2) // CELL * G
@@ -127,10 +135,59 @@ def test_time_words_are_the_digits() -> None:
 def test_moved_points_the_answer_at_the_mover_only() -> None:
     for it in dataset("video", "train", 4, 3, families=["moved"], form="mixed"):
         lab = video_batch_labels([it])[0]
-        marked = lab[:, 4].nonzero()[:, 0]
+        marked = lab[:, ORDER].nonzero()[:, 0]
         assert len(marked) >= 2  # where it rested before the move and where it went
-        assert (lab[marked, 3] == 1).all()  # key events, each showing the mover (colour and shape classes)
+        assert (lab[marked, KEY] == 1).all()  # key events, each showing the mover (colour and shape classes)
         colour, shape = it.answer.split()
         assert {(COLOUR_CLASSES[int(lab[i, 0])], SHAPE_CLASSES[int(lab[i, 1])]) for i in marked} == {(colour, shape)}
         # the cells it left empty are key events but not marked
-        assert bool(((lab[:, 3] == 1) & (lab[:, 1] == 0)).any())
+        assert bool(((lab[:, KEY] == 1) & (lab[:, 1] == 0)).any())
+
+
+def test_video_cell_motion_known_answer() -> None:
+    # the red circle steps right at patch 1; the blue square stays; other cells have no object
+    motion = video_cell_motion(_scene([2, 3])).reshape(2, 4)
+    assert motion.tolist() == [[-1, -1, -1, -1], [-1, 2, -1, 0]]
+    assert MOTION_WORDS[2] == "right"
+    # up three cells and left one: "up"; a diagonal step as long on both axes has no class; a new object is still
+    size = 4 * CELL
+
+    def at(r, c, i):
+        return {"id": i, "colour": "red", "shape": "circle", "box": [c * CELL + 2, r * CELL + 2, c * CELL + 20,
+                                                                   r * CELL + 20]}
+    frames = [[at(3, 1, 0), at(0, 0, 1)]] * 2 + [[at(0, 0, 0), at(1, 1, 1), at(3, 3, 2)]] * 2
+    motion = video_cell_motion({"size": size, "frames": frames, "query": {"key": []}}).reshape(2, 4, 4)
+    assert int(motion[1, 0, 0]) == MOTION_WORDS.index("up")
+    assert int(motion[1, 1, 1]) == -1 and int(motion[1, 3, 3]) == 0
+    assert int((motion[1] >= 0).sum()) == 2
+
+
+def test_direction_points_the_answer_at_the_named_mover_and_its_steps_name_the_answer() -> None:
+    for it in dataset("video", "train", 6, 5, families=["direction"], form="mixed"):
+        lab = video_batch_labels([it])[0]
+        marked = lab[:, ORDER].nonzero()[:, 0]
+        colour, shape = re.search(r"did the (\w+) (\w+) move", it.question).groups()
+        assert {(COLOUR_CLASSES[int(lab[i, 0])], SHAPE_CLASSES[int(lab[i, 1])]) for i in marked} == {(colour, shape)}
+        steps = {MOTION_WORDS[int(m)] for m in lab[marked, MOTION_COLUMN] if m > 0}
+        assert steps == {it.answer}
+        # the other mover's steps are not marked
+        assert bool(((lab[:, MOTION_COLUMN] > 0) & (lab[:, ORDER] == 0)).any())
+
+
+def test_motion_terms_known_answer() -> None:
+    words = [10, 11, 12, 13, 14]
+    motion = torch.tensor([[-1, 0, 3], [0, -1, -1]])  # two still tokens, one moved "up"
+    logits = torch.zeros(2, 3, 20)
+    logits[0, 1, 10] = 1.0  # still, says "no": right
+    logits[0, 2, 11] = 2.0  # moved up, says "left": wrong
+    sums, counts = motion_terms(logits, motion, words)
+    still = -torch.log_softmax(torch.tensor([1.0, 0, 0, 0, 0]), 0)[0] - torch.log_softmax(torch.zeros(5), 0)[0]
+    moved = -torch.log_softmax(torch.tensor([0, 2.0, 0, 0, 0]), 0)[3]
+    assert counts.tolist() == [2, 1]
+    assert torch.allclose(sums, torch.stack([still, moved]))
+
+
+def test_motion_words_are_no_and_the_directions() -> None:
+    _, processor = get_spec("testbed-qwen2vl").build("tiny")
+    ids = motion_words(processor.tokenizer)
+    assert processor.tokenizer.convert_ids_to_tokens(ids) == ["no", "left", "right", "up", "down"]

@@ -72,6 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--time-weight", type=float, default=0.0,
                    help="weight of the time read-out: each video token names its temporal patch after the first "
                         "layer (mmtok.testbed.dense_video.time_terms; default 0: off)")
+    t.add_argument("--motion-weight", type=float, default=0.0,
+                   help="weight of the motion read-out: each video object token names its step since the previous "
+                        "temporal patch after the first layer (mmtok.testbed.dense_video.motion_terms; default 0: off)")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -134,6 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
           attention_weight=args.attention_weight, position_code=args.position_code, init_lm_from=args.init_lm_from,
           distill_from=args.distill_from, distill_weight=args.distill_weight, modalities=args.modalities,
           position_homotopy=args.position_homotopy, time_weight=args.time_weight,
+          motion_weight=args.motion_weight,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

@@ -102,7 +102,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
 
 STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
 # Settings a stage has only when it used them; the card's "sources" column names them.
-SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight")
+SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
+               "motion_weight")
 
 
 def stage_sources(settings: dict[str, Any]) -> str:
@@ -118,6 +119,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
         parts.append(f"positions 1-D -> M-RoPE over {settings['position_homotopy']:.0%} of the steps")
     if settings.get("time_weight"):
         parts.append(f"video time read-out (weight {settings['time_weight']})")
+    if settings.get("motion_weight"):
+        parts.append(f"video motion read-out (weight {settings['motion_weight']})")
     return "; ".join(parts) or "-"
 
 

@@ -21,7 +21,7 @@ import torch
 
 from mmtok.testbed.attention_rows import answer_query_positions, query_rows
 from mmtok.testbed.dense import DenseProbe, attention_terms, balanced_mean, relevance_terms
-from mmtok.testbed.dense_video import time_terms
+from mmtok.testbed.dense_video import MOTION_COLUMN, motion_terms, time_terms
 from mmtok.testbed.media_grid import grid_inputs, model_kind
 from mmtok.testbed.models import IGNORE, TOKEN_KEYS
 
@@ -46,6 +46,8 @@ class DenseParts:
         relevance_sums: ``[2]`` relevance cross-entropy sums over other and key tokens; ``relevance_counts``.
         attention_sum: attention-supervision loss summed over ``attention_count`` rows (0 when off).
         time_sum: the time read-out's cross-entropy summed over ``time_count`` video tokens (0 when off).
+        motion_sums: ``[2]`` the motion read-out's cross-entropy sums over still and moved object tokens;
+            ``motion_counts`` (zeros when off).
         tokens: per medium, ``[n_media, N, hidden]`` the media tokens the language model received.
     """
 
@@ -58,6 +60,8 @@ class DenseParts:
     attention_count: int
     time_sum: torch.Tensor
     time_count: int
+    motion_sums: torch.Tensor
+    motion_counts: torch.Tensor
     tokens: dict[str, torch.Tensor]
 
 
@@ -96,7 +100,7 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                 probes: dict[str, DenseProbe], yes_no: Sequence[int], attend: bool,
                 keep: torch.Tensor | None = None,
                 positions: Callable[[dict[str, Any]], None] | None = None,
-                time: Sequence[int] | None = None) -> DenseParts:
+                time: Sequence[int] | None = None, motion: Sequence[int] | None = None) -> DenseParts:
     """One forward pass of ``batch`` with the dense supervision's read-outs.
 
     Args:
@@ -111,6 +115,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
         positions: edits the built inputs in place before the forward pass (the position homotopy).
         time: the :func:`~mmtok.testbed.dense_video.time_words` when video tokens are trained to name their
             temporal patch (:func:`~mmtok.testbed.dense_video.time_terms`); None: not.
+        motion: the :func:`~mmtok.testbed.dense_video.motion_words` when video object tokens are trained to
+            name their step (:func:`~mmtok.testbed.dense_video.motion_terms`); None: not.
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
@@ -133,18 +139,26 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                                       if attend else (answer_sum.new_zeros(()), 0))
     time_sum, time_count = (time_terms(lens, grid.cells, grid.rows["video"], time)
                             if time is not None and "video" in grid.rows else (answer_sum.new_zeros(()), 0))
+    motion_sums, motion_counts = answer_sum.new_zeros(2), torch.zeros(2, dtype=torch.long)
+    if motion is not None and "video" in grid.rows:
+        per_cell = grid.per_row({"video": labels["video"][..., MOTION_COLUMN]}, fill=-1)  # [B, N]
+        rows, cols = (grid.cells >= 0).nonzero(as_tuple=True)
+        steps = torch.full_like(grid.cells, -1)  # [B, L]: per sequence position
+        steps[rows, cols] = per_cell[rows, grid.cells[rows, cols]]
+        motion_sums, motion_counts = motion_terms(lens, steps, motion)
     return DenseParts(answer_sum, answer_count, probe, relevance_sums, relevance_counts, attention_sum,
-                      attention_count, time_sum, time_count, grid.tokens)
+                      attention_count, time_sum, time_count, motion_sums, motion_counts, grid.tokens)
 
 
-def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: float = 0.0
+def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: float = 0.0, motion_weight: float = 0.0
          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """``(answer loss, dense loss, terms)`` of the whole batch from its sub-batches' :class:`DenseParts`.
 
     The answer loss is the mean over all answer tokens (as the stock models' ``loss``); the dense loss is the
     probes' losses plus the class-balanced relevance loss over all media tokens plus ``attention_weight``
     times the attention loss's mean over all rows with key tokens plus ``time_weight`` times the time
-    read-out's mean over all video tokens. ``terms`` holds the unweighted dense terms, for the log.
+    read-out's mean over all video tokens plus ``motion_weight`` times the motion read-out's class-balanced
+    mean over all object tokens (still and moved weigh alike). ``terms`` holds the unweighted dense terms, for the log.
     """
     answer = sum(p.answer_sum for p in parts) / max(1, sum(p.answer_count for p in parts))
     probe = sum(p.probe for p in parts)
@@ -159,4 +173,9 @@ def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: floa
         timing = sum(p.time_sum for p in parts) / videos
         dense = dense + time_weight * timing
         terms["time"] = float(timing.detach())
+    counts = sum(p.motion_counts for p in parts)
+    if motion_weight and bool((counts > 0).any()):
+        steps = balanced_mean(sum(p.motion_sums for p in parts), counts)
+        dense = dense + motion_weight * steps
+        terms["motion"] = float(steps.detach())
     return answer, dense, terms

@@ -20,8 +20,33 @@ from typing import Any
 import torch
 
 from mmtok.testbed.data.items import QAItem
-from mmtok.testbed.data.videos import CELL, PATCHES, TEMPORAL, VIDEO_SIZE
+from mmtok.testbed.data.videos import CELL, DIRECTIONS, PATCHES, TEMPORAL, VIDEO_SIZE
 from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES
+
+# The words of the motion read-out (:func:`motion_terms`): class 0 "no" (the object is where it was one
+# temporal patch before), then the four directions of :data:`~mmtok.testbed.data.videos.DIRECTIONS`.
+MOTION_WORDS = ("no", *DIRECTIONS)
+# Columns of :func:`video_batch_labels`: the probe heads' three, then motion, then the key and order flags.
+MOTION_COLUMN = 3
+
+
+def _cell_objects(scene: dict[str, Any]) -> torch.Tensor:
+    """``[P, G, G]`` long: the ``id`` of the object under each cell in the first frame of each patch, -1: none.
+
+    Raises:
+        ValueError: the frame size is not a multiple of the cell or the frame count not of the patch.
+    """
+    size, frames = scene["size"], scene["frames"]
+    if size % CELL or len(frames) % TEMPORAL:
+        raise ValueError(f"a video of {len(frames)} frames of {size} px is not on the {TEMPORAL}-frame x "
+                         f"{CELL} px token grid")
+    g, patches = size // CELL, len(frames) // TEMPORAL
+    out = torch.full((patches, g, g), -1, dtype=torch.long)
+    for p in range(patches):
+        for obj in frames[p * TEMPORAL]:
+            x0, y0, x1, y1 = obj["box"]
+            out[p, ((y0 + y1) // 2) // CELL, ((x0 + x1) // 2) // CELL] = obj["id"]
+    return out
 
 
 def video_cell_labels(scene: dict[str, Any]) -> torch.Tensor:
@@ -34,19 +59,41 @@ def video_cell_labels(scene: dict[str, Any]) -> torch.Tensor:
     Raises:
         ValueError: the frame size is not a multiple of the cell or the frame count not of the patch.
     """
-    size, frames = scene["size"], scene["frames"]
-    if size % CELL or len(frames) % TEMPORAL:
-        raise ValueError(f"a video of {len(frames)} frames of {size} px is not on the {TEMPORAL}-frame x "
-                         f"{CELL} px token grid")
-    g, patches = size // CELL, len(frames) // TEMPORAL
-    out = torch.zeros(patches, g, g, 3, dtype=torch.long)
-    for p in range(patches):
-        for obj in frames[p * TEMPORAL]:
+    objects = _cell_objects(scene)
+    out = torch.zeros(*objects.shape, 3, dtype=torch.long)
+    for p in range(objects.shape[0]):
+        for obj in scene["frames"][p * TEMPORAL]:
             x0, y0, x1, y1 = obj["box"]
             r, c = ((y0 + y1) // 2) // CELL, ((x0 + x1) // 2) // CELL
             out[p, r, c, 0] = COLOUR_CLASSES.index(obj["colour"])
             out[p, r, c, 1] = SHAPE_CLASSES.index(obj["shape"])
-    return out.reshape(patches * g * g, 3)
+    return out.reshape(-1, 3)
+
+
+def video_cell_motion(scene: dict[str, Any]) -> torch.Tensor:
+    """``[P * G * G]`` long: each object token's step since the previous temporal patch, -1 where none is defined.
+
+    The class indexes :data:`MOTION_WORDS`: 0 the object is in the same cell as one patch before (or was not
+    shown then), 1-4 it came from another cell, named by the larger axis of its step (left, right, up, down;
+    rows grow downwards). -1: no object in the cell, the first patch (nothing before it), or a diagonal step
+    as long on both axes (no single direction).
+    """
+    objects = _cell_objects(scene)
+    patches, g = objects.shape[0], objects.shape[1]
+    out = torch.full((patches, g, g), -1, dtype=torch.long)
+    for p in range(1, patches):
+        before = {int(i): (r, c) for r, c, i in zip(*torch.nonzero(objects[p - 1] >= 0, as_tuple=True),
+                                                    objects[p - 1][objects[p - 1] >= 0])}
+        for r, c in torch.nonzero(objects[p] >= 0).tolist():
+            prev = before.get(int(objects[p, r, c]))
+            dr, dc = (0, 0) if prev is None else (r - int(prev[0]), c - int(prev[1]))
+            if abs(dc) > abs(dr):
+                out[p, r, c] = 1 if dc < 0 else 2
+            elif abs(dr) > abs(dc):
+                out[p, r, c] = 3 if dr < 0 else 4
+            elif dr == 0:
+                out[p, r, c] = 0
+    return out.reshape(-1)
 
 
 def video_key_cells(scene: dict[str, Any], labels: torch.Tensor | None = None,
@@ -74,13 +121,15 @@ def video_key_cells(scene: dict[str, Any], labels: torch.Tensor | None = None,
 
 
 def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
-    """``[n_videos, P * G * G, 5]`` targets of the video items in ``items`` (other modalities are skipped).
+    """``[n_videos, P * G * G, 6]`` targets of the video items in ``items`` (other modalities are skipped).
 
-    Columns as :func:`mmtok.testbed.dense.batch_labels`: colour, shape, character ("none"), key flag and
-    answer-word order: 1 on the event tokens of ``query["answer_key"]`` that show an object, where a question
-    has one, so the first answer word attends to the object it names, as an image relation answer does
-    ("which object appeared first / last": the answer's own appearance among all the key appearances;
-    "which object moved": the mover's tokens, not the cells it left empty); 0 elsewhere.
+    Columns: colour, shape, character ("none") as :func:`mmtok.testbed.dense.batch_labels`; the motion class
+    (:func:`video_cell_motion`, column :data:`MOTION_COLUMN`); then, as the image labels end, the key flag and
+    the answer-word order: 1 on the event tokens of ``query["answer_key"]`` that show an object (only object
+    ``query["answer_id"]`` where the query names one), so the first answer word attends to the object it
+    names, as an image relation answer does ("which object appeared first / last": the answer's own
+    appearance among all the key appearances; "which object moved": the mover's tokens, not the cells it
+    left empty; "which way did X move": X's tokens, not another mover's); 0 elsewhere.
 
     Raises:
         ValueError: ``items`` holds no video.
@@ -91,10 +140,13 @@ def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
             continue
         lab = video_cell_labels(it.scene)
         key = video_key_cells(it.scene, lab)
-        answer = it.scene["query"].get("answer_key")
-        order = (torch.zeros_like(key) if answer is None
-                 else video_key_cells(it.scene, lab, answer) * (lab[:, 1] > 0))  # events that show an object
-        rows.append(torch.cat([lab, key[:, None], order[:, None]], 1))
+        query = it.scene["query"]
+        order = torch.zeros_like(key)
+        if query.get("answer_key") is not None:
+            order = video_key_cells(it.scene, lab, query["answer_key"]) * (lab[:, 1] > 0)  # events showing an object
+            if query.get("answer_id") is not None:
+                order = order * (_cell_objects(it.scene).reshape(-1) == query["answer_id"])
+        rows.append(torch.cat([lab, video_cell_motion(it.scene)[:, None], key[:, None], order[:, None]], 1))
     if not rows:
         raise ValueError("video_batch_labels needs at least one video item")
     return torch.stack(rows)
@@ -141,3 +193,47 @@ def time_terms(logits: torch.Tensor, cells: torch.Tensor, rows: torch.Tensor, wo
     patch = cells[where] // ((VIDEO_SIZE // CELL) ** 2)
     chosen = logits[where][:, list(words)].float()
     return torch.nn.functional.cross_entropy(chosen, patch, reduction="sum"), int(where.sum())
+
+
+def motion_words(tokenizer: Any) -> list[int]:
+    """Token ids of :data:`MOTION_WORDS`, the classes of :func:`motion_terms`.
+
+    Raises:
+        ValueError: the tokenizer lacks one of them.
+    """
+    ids = [tokenizer.convert_tokens_to_ids(w) for w in MOTION_WORDS]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"the motion read-out names steps with the words {MOTION_WORDS}; this tokenizer lacks "
+                         "some of them")
+    return ids
+
+
+def motion_terms(logits: torch.Tensor, motion: torch.Tensor, words: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy sums and counts of the object tokens naming their step, over still and moved tokens.
+
+    Which way an object moved (and which object moved at all) is a comparison of its cells in two temporal
+    patches, while a token's content says only what is in its own cell and M-RoPE's row and column indices
+    enter only the attention scores, never the tokens. A token can see its object one patch before through
+    attention, though: its relative offset is in the rotated scores. As the time read-out
+    (:func:`time_terms`), the model's next-word logits after the first layer, restricted to ``words``, are
+    trained at each object token to name its step since the previous patch (the dense analogue of optical
+    flow, in whole cells): "no", or the direction word of the family's answers. The answer position then
+    reads the mover's tokens (``answer_id``'s order marks) and finds the direction there.
+
+    Args:
+        logits: ``[B, L, V]`` next-word logits read out after the first layer.
+        motion: ``[B, L]`` the :func:`video_cell_motion` class of each sequence position's video token, -1 at
+            other positions and where no class is defined.
+        words: the :func:`motion_words`.
+
+    Returns:
+        ``[2]`` float sums of the cross-entropies over the still tokens (class 0) and the moved ones (1-4), and
+        ``[2]`` long counts, for :func:`~mmtok.testbed.dense.balanced_mean` (a video has ~40 object tokens, of
+        which 1-4 moved).
+    """
+    where = motion >= 0
+    target = motion[where]
+    each = torch.nn.functional.cross_entropy(logits[where][:, list(words)].float(), target, reduction="none")
+    moved = target > 0
+    return torch.stack([each[~moved].sum(), each[moved].sum()]), torch.stack([(~moved).sum(), moved.sum()])

@@ -30,7 +30,7 @@ from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids
 from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_step import ATTEND_LAYER, dense_parts, pool, split_by_medium
-from mmtok.testbed.dense_video import time_words, video_batch_labels
+from mmtok.testbed.dense_video import motion_words, time_words, video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
 from mmtok.testbed.media_grid import MEDIA, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
@@ -138,6 +138,7 @@ def train(
     modalities: Sequence[str] | None = None,
     position_homotopy: float = 0.0,
     time_weight: float = 0.0,
+    motion_weight: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -198,6 +199,9 @@ def train(
             M-RoPE (:mod:`mmtok.testbed.position_homotopy`); 0 (default) trains at M-RoPE throughout.
         time_weight: weight of the time read-out (:func:`mmtok.testbed.dense_video.time_terms`: each video
             token names its temporal patch after the first layer) in the dense loss; 0 (default): off.
+        motion_weight: weight of the motion read-out (:func:`mmtok.testbed.dense_video.motion_terms`: each
+            video object token names its step since the previous temporal patch after the first layer) in the
+            dense loss; 0 (default): off.
         log: where progress lines go.
 
     Returns:
@@ -205,8 +209,8 @@ def train(
 
     Raises:
         ValueError: an unknown name or size, non-positive steps / batch size, modalities the spec lacks, or
-            distillation without image batches, dense tokens or a matching teacher, or a time read-out
-            without video batches and dense tokens.
+            distillation without image batches, dense tokens or a matching teacher, or a time or motion
+            read-out without video batches and dense tokens.
     """
     spec = get_spec(name)
     d = spec.train_defaults
@@ -227,6 +231,8 @@ def train(
         settings["position_homotopy"] = float(position_homotopy)
     if time_weight:
         settings["time_weight"] = float(time_weight)  # absent when off: older runs' settings still resume
+    if motion_weight:
+        settings["motion_weight"] = float(motion_weight)
     if modalities is not None:
         unknown = sorted(set(modalities) - set(spec.modalities))
         if unknown or not modalities:
@@ -289,12 +295,15 @@ def train(
             heads = {"image": IMAGE_HEADS, "video": VISUAL_HEADS, "audio": AUDIO_HEADS}[media]
             probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads).to(device_of(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
-    clock_words = None
+    clock_words = step_words = None
+    for weight, read_out in ((time_weight, "time"), (motion_weight, "motion")):
+        if weight and (not probes or "video" not in settings.get("modalities", spec.modalities)):
+            raise ValueError(f"the {read_out} read-out trains video tokens on the scenes' grid: use it with "
+                             "dense_weight > 0 and video batches")
     if time_weight:
-        if not probes or "video" not in settings.get("modalities", spec.modalities):
-            raise ValueError("the time read-out trains video tokens on the scenes' grid: use it with dense_weight > 0 "
-                             "and video batches")
         clock_words = time_words(processor.tokenizer)
+    if motion_weight:
+        step_words = motion_words(processor.tokenizer)
     teacher = None
     if distill_from is not None:
         if not probes:
@@ -363,8 +372,8 @@ def train(
                     if share < 1 else None)
             blend = partial(_blend_positions, model, step=step, settings=settings)
             parts = [dense_parts(model, sub, labels, probes, yes_no, settings["attention_weight"] > 0, keep, blend,
-                                 clock_words) for sub in split_by_medium(model, batch)]
-            loss, dense, terms = pool(parts, settings["attention_weight"], time_weight)
+                                 clock_words, step_words) for sub in split_by_medium(model, batch)]
+            loss, dense, terms = pool(parts, settings["attention_weight"], time_weight, motion_weight)
             total = loss + settings["dense_weight"] * dense
             if teacher is not None:
                 image_tokens = next(p.tokens["image"] for p in parts if "image" in p.tokens)

@@ -103,8 +103,9 @@ class QAItem:
         scene: the JSON-able description the media was rendered from and the answer follows from.
             ``scene["query"]`` holds the question's parameters and ``"key"``: where the answer lies (boxes
             ``[x0, y0, x1, y1)`` in pixels, frame indices, or ``[start_ms, end_ms)`` spans); some video
-            questions whose answer names an object add ``"answer_key"``, the frames that show that object's
-            event (the dense training targets point the answer at it).
+            questions add ``"answer_key"``, the frames that show the answer's event (the dense training
+            targets point the answer at it), and ``"answer_id"`` where that event's object must be told from
+            another's (the ``"id"`` of the scene's frame objects).
         sample_rate: audio samples per second (audio only).
         fps: frames per second (video only).
     """

@@ -210,12 +210,15 @@ def _direction(rng: np.random.Generator) -> Draft:
     names = _names(rng, 2 + int(rng.integers(2, 5)))
     direction = pick(rng, DIRECTIONS)
     p0, steps = _window(rng)
+    target = len(v.tracks)  # the named mover's track: its "id" in the scene
     v.mover(names[0], *_displacement(rng, direction), p0, steps)
     other = pick(rng, [d for d in DIRECTIONS if d != direction])
     v.mover(names[1], *_displacement(rng, other), *_window(rng))
     for name in names[2:]:
         v.still(name)
-    query = {"key": _move_frames(p0, steps)}
+    frames = _move_frames(p0, steps)
+    # The answer is read off the named mover's own steps ("answer_id"), not the other mover's.
+    query = {"key": frames, "answer_key": frames, "answer_id": target}
     return Draft(v.scene(query), f"which way did the {names[0]} move ?", direction,
                  mc_choices(rng, direction, DIRECTIONS))
 
