@@ -82,11 +82,10 @@ def video_cell_motion(scene: dict[str, Any]) -> torch.Tensor:
     patches, g = objects.shape[0], objects.shape[1]
     out = torch.full((patches, g, g), -1, dtype=torch.long)
     for p in range(1, patches):
-        before = {int(i): (r, c) for r, c, i in zip(*torch.nonzero(objects[p - 1] >= 0, as_tuple=True),
-                                                    objects[p - 1][objects[p - 1] >= 0])}
+        before = {int(objects[p - 1, r, c]): (r, c) for r, c in torch.nonzero(objects[p - 1] >= 0).tolist()}
         for r, c in torch.nonzero(objects[p] >= 0).tolist():
             prev = before.get(int(objects[p, r, c]))
-            dr, dc = (0, 0) if prev is None else (r - int(prev[0]), c - int(prev[1]))
+            dr, dc = (0, 0) if prev is None else (r - prev[0], c - prev[1])
             if abs(dc) > abs(dr):
                 out[p, r, c] = 1 if dc < 0 else 2
             elif abs(dr) > abs(dc):
