@@ -240,11 +240,43 @@ def test_shipped_audio_loads_offline_and_answers():
 
 SHIPPED_AUDIO_ITEMS = [("beep_count", 0), ("higher", 0), ("longer", 0), ("louder", 0), ("chirp", 0)]
 
+SHIPPED_QWEN = ROOT / "assets" / "testbed-qwen2vl"
 
-# Held-out items the shipped checkpoint answers at full budget, one per family (the first it answers right
-# among the first 12: update them with the weights). Fast (8 items), so it runs in `make test`.
+
+def test_shipped_weights_stay_under_40_mb_together():
+    sizes = {p.parent.name: p.stat().st_size for p in (ROOT / "assets").glob("testbed-*/model.safetensors")}
+    assert sum(sizes.values()) < 40_000_000, sizes
+
+
+@pytest.mark.skipif(not SHIPPED_QWEN.is_dir(), reason="assets/testbed-qwen2vl not built")
+def test_shipped_qwen2vl_loads_offline_and_answers_images_and_videos():
+    import mmtok
+    from mmtok.testbed.evaluate import normalise
+
+    assert (SHIPPED_QWEN / "model.safetensors").stat().st_size < 12_000_000
+    model, processor = mmtok.load("testbed-qwen2vl", dtype="float32")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    fixed = [item(modality, HELDOUT_SPLIT, i, 0, family=f, form="mixed") for modality, f, i in SHIPPED_QWEN_ITEMS]
+    # One mixed batch, through the adapter: M-RoPE positions of image and video rows side by side.
+    result = mmtok.compress_then_generate(
+        model, processor, prompt=[it.prompt for it in fixed],
+        images=[[it.media] if it.modality == "image" else [] for it in fixed],
+        videos=[[it.media] if it.modality == "video" else [] for it in fixed],
+        method="identity", budget=1.0, max_new_tokens=10, do_sample=False,
+    )
+    assert [normalise(t) for t in result.text] == [it.answer for it in fixed]
+
+
+# Held-out items the shipped checkpoints answer at full budget, one per family (the first each answers right
+# among the first 12: update them with the weights). Fast (8 and 15 items), so they run in `make test`.
 SHIPPED_ITEMS = [("count", 0), ("position", 0), ("relation", 0), ("read", 0), ("odd_one_out", 0), ("inside", 0),
                  ("largest", 0), ("exists", 0)]
+SHIPPED_QWEN_ITEMS = [
+    ("image", "count", 0), ("image", "position", 0), ("image", "relation", 1), ("image", "read", 0),
+    ("image", "odd_one_out", 0), ("image", "inside", 0), ("image", "largest", 0), ("image", "exists", 0),
+    ("video", "first", 2), ("video", "last", 0), ("video", "flash_count", 1), ("video", "moved", 1),
+    ("video", "direction", 0), ("video", "change", 0), ("video", "when", 0),
+]
 
 
 def test_warm_start_takes_the_weights_and_continues_the_data(tmp_path):

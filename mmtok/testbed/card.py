@@ -72,6 +72,9 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         + (f", on {' + '.join(settings['modalities'])} only (`--modalities`)" if settings.get("modalities") else "")
         + (f", position ids moved from 1-D to M-RoPE over the first {settings['position_homotopy']:.0%} of the steps "
            "(`--position-homotopy`)" if settings.get("position_homotopy") else "")
+        + (f", video time read-out (`--time-weight {settings['time_weight']}`)" if settings.get("time_weight") else "")
+        + (f", video motion read-out (`--motion-weight {settings['motion_weight']}`)"
+           if settings.get("motion_weight") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
            f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
