@@ -139,7 +139,7 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                                       if attend else (answer_sum.new_zeros(()), 0))
     time_sum, time_count = (time_terms(lens, grid.cells, grid.rows["video"], time)
                             if time is not None and "video" in grid.rows else (answer_sum.new_zeros(()), 0))
-    motion_sums, motion_counts = answer_sum.new_zeros(2), torch.zeros(2, dtype=torch.long)
+    motion_sums, motion_counts = answer_sum.new_zeros(2), torch.zeros(2, dtype=torch.long, device=answer_sum.device)
     if motion is not None and "video" in grid.rows:
         per_cell = grid.per_row({"video": labels["video"][..., MOTION_COLUMN]}, fill=-1)  # [B, N]
         rows, cols = (grid.cells >= 0).nonzero(as_tuple=True)
@@ -158,7 +158,8 @@ def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: floa
     probes' losses plus the class-balanced relevance loss over all media tokens plus ``attention_weight``
     times the attention loss's mean over all rows with key tokens plus ``time_weight`` times the time
     read-out's mean over all video tokens plus ``motion_weight`` times the motion read-out's class-balanced
-    mean over all object tokens (still and moved weigh alike). ``terms`` holds the unweighted dense terms, for the log.
+    mean over all object tokens (still and moved weigh alike). ``terms`` holds the unweighted dense terms,
+    for the log.
     """
     answer = sum(p.answer_sum for p in parts) / max(1, sum(p.answer_count for p in parts))
     probe = sum(p.probe for p in parts)
