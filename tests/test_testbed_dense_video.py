@@ -176,11 +176,14 @@ def test_direction_points_the_answer_at_the_named_mover_and_its_steps_name_the_a
 
 def test_motion_terms_known_answer() -> None:
     words = [10, 11, 12, 13, 14]
-    motion = torch.tensor([[-1, 0, 3], [0, -1, -1]])  # two still tokens, one moved "up"
+    # row 0: a video whose media tokens 2 (still) and 0 (moved "up") sit at positions 1 and 2, token 1 (no
+    # object) at position 0; row 1: another row whose token 0 is still, at position 2
+    cells = torch.tensor([[1, 2, 0], [-1, -1, 0]])
+    motion = torch.tensor([[3, -1, 0], [0, -1, -1]])
     logits = torch.zeros(2, 3, 20)
     logits[0, 1, 10] = 1.0  # still, says "no": right
     logits[0, 2, 11] = 2.0  # moved up, says "left": wrong
-    sums, counts = motion_terms(logits, motion, words)
+    sums, counts = motion_terms(logits, cells, motion, words)
     still = -torch.log_softmax(torch.tensor([1.0, 0, 0, 0, 0]), 0)[0] - torch.log_softmax(torch.zeros(5), 0)[0]
     moved = -torch.log_softmax(torch.tensor([0, 2.0, 0, 0, 0]), 0)[3]
     assert counts.tolist() == [2, 1]

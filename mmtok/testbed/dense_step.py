@@ -141,11 +141,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                             if time is not None and "video" in grid.rows else (answer_sum.new_zeros(()), 0))
     motion_sums, motion_counts = answer_sum.new_zeros(2), torch.zeros(2, dtype=torch.long, device=answer_sum.device)
     if motion is not None and "video" in grid.rows:
-        per_cell = grid.per_row({"video": labels["video"][..., MOTION_COLUMN]}, fill=-1)  # [B, N]
-        rows, cols = (grid.cells >= 0).nonzero(as_tuple=True)
-        steps = torch.full_like(grid.cells, -1)  # [B, L]: per sequence position
-        steps[rows, cols] = per_cell[rows, grid.cells[rows, cols]]
-        motion_sums, motion_counts = motion_terms(lens, steps, motion)
+        steps = grid.per_row({"video": labels["video"][..., MOTION_COLUMN]}, fill=-1)
+        motion_sums, motion_counts = motion_terms(lens, grid.cells, steps, motion)
     return DenseParts(answer_sum, answer_count, probe, relevance_sums, relevance_counts, attention_sum,
                       attention_count, time_sum, time_count, motion_sums, motion_counts, grid.tokens)
 

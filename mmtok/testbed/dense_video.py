@@ -21,7 +21,7 @@ import torch
 
 from mmtok.testbed.data.items import QAItem
 from mmtok.testbed.data.videos import CELL, DIRECTIONS, PATCHES, TEMPORAL, VIDEO_SIZE
-from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES
+from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES, class_word_ids
 
 # The words of the motion read-out (:func:`motion_terms`): class 0 "no" (the object is where it was one
 # temporal patch before), then the four directions of :data:`~mmtok.testbed.data.videos.DIRECTIONS`.
@@ -44,9 +44,14 @@ def _cell_objects(scene: dict[str, Any]) -> torch.Tensor:
     out = torch.full((patches, g, g), -1, dtype=torch.long)
     for p in range(patches):
         for obj in frames[p * TEMPORAL]:
-            x0, y0, x1, y1 = obj["box"]
-            out[p, ((y0 + y1) // 2) // CELL, ((x0 + x1) // 2) // CELL] = obj["id"]
+            out[(p, *_cell_of(obj["box"]))] = obj["id"]
     return out
+
+
+def _cell_of(box: Sequence[int]) -> tuple[int, int]:
+    """``(row, column)`` of the grid cell under a box's centre."""
+    x0, y0, x1, y1 = box
+    return ((y0 + y1) // 2) // CELL, ((x0 + x1) // 2) // CELL
 
 
 def video_cell_labels(scene: dict[str, Any]) -> torch.Tensor:
@@ -59,26 +64,25 @@ def video_cell_labels(scene: dict[str, Any]) -> torch.Tensor:
     Raises:
         ValueError: the frame size is not a multiple of the cell or the frame count not of the patch.
     """
-    objects = _cell_objects(scene)
+    objects = _cell_objects(scene)  # validates the grid
     out = torch.zeros(*objects.shape, 3, dtype=torch.long)
     for p in range(objects.shape[0]):
         for obj in scene["frames"][p * TEMPORAL]:
-            x0, y0, x1, y1 = obj["box"]
-            r, c = ((y0 + y1) // 2) // CELL, ((x0 + x1) // 2) // CELL
+            r, c = _cell_of(obj["box"])
             out[p, r, c, 0] = COLOUR_CLASSES.index(obj["colour"])
             out[p, r, c, 1] = SHAPE_CLASSES.index(obj["shape"])
     return out.reshape(-1, 3)
 
 
-def video_cell_motion(scene: dict[str, Any]) -> torch.Tensor:
+def video_cell_motion(scene: dict[str, Any], objects: torch.Tensor | None = None) -> torch.Tensor:
     """``[P * G * G]`` long: each object token's step since the previous temporal patch, -1 where none is defined.
 
     The class indexes :data:`MOTION_WORDS`: 0 the object is in the same cell as one patch before (or was not
     shown then), 1-4 it came from another cell, named by the larger axis of its step (left, right, up, down;
     rows grow downwards). -1: no object in the cell, the first patch (nothing before it), or a diagonal step
-    as long on both axes (no single direction).
+    as long on both axes (no single direction). ``objects``: the scene's ``_cell_objects`` when already computed.
     """
-    objects = _cell_objects(scene)
+    objects = _cell_objects(scene) if objects is None else objects
     patches, g = objects.shape[0], objects.shape[1]
     out = torch.full((patches, g, g), -1, dtype=torch.long)
     for p in range(1, patches):
@@ -139,13 +143,14 @@ def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
             continue
         lab = video_cell_labels(it.scene)
         key = video_key_cells(it.scene, lab)
-        query = it.scene["query"]
+        objects, query = _cell_objects(it.scene), it.scene["query"]
         order = torch.zeros_like(key)
         if query.get("answer_key") is not None:
             order = video_key_cells(it.scene, lab, query["answer_key"]) * (lab[:, 1] > 0)  # events showing an object
             if query.get("answer_id") is not None:
-                order = order * (_cell_objects(it.scene).reshape(-1) == query["answer_id"])
-        rows.append(torch.cat([lab, video_cell_motion(it.scene)[:, None], key[:, None], order[:, None]], 1))
+                order = order * (objects.reshape(-1) == query["answer_id"])
+        motion = video_cell_motion(it.scene, objects)
+        rows.append(torch.cat([lab, motion[:, None], key[:, None], order[:, None]], 1))
     if not rows:
         raise ValueError("video_batch_labels needs at least one video item")
     return torch.stack(rows)
@@ -200,14 +205,10 @@ def motion_words(tokenizer: Any) -> list[int]:
     Raises:
         ValueError: the tokenizer lacks one of them.
     """
-    ids = [tokenizer.convert_tokens_to_ids(w) for w in MOTION_WORDS]
-    if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ValueError(f"the motion read-out names steps with the words {MOTION_WORDS}; this tokenizer lacks "
-                         "some of them")
-    return ids
+    return class_word_ids(tokenizer, [MOTION_WORDS])[0]
 
 
-def motion_terms(logits: torch.Tensor, motion: torch.Tensor, words: Sequence[int]
+def motion_terms(logits: torch.Tensor, cells: torch.Tensor, motion: torch.Tensor, words: Sequence[int]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy sums and counts of the object tokens naming their step, over still and moved tokens.
 
@@ -222,8 +223,10 @@ def motion_terms(logits: torch.Tensor, motion: torch.Tensor, words: Sequence[int
 
     Args:
         logits: ``[B, L, V]`` next-word logits read out after the first layer.
-        motion: ``[B, L]`` the :func:`video_cell_motion` class of each sequence position's video token, -1 at
-            other positions and where no class is defined.
+        cells: ``[B, L]`` the index of each media position within its media's tokens, -1 elsewhere.
+        motion: ``[B, N]`` per row, the :func:`video_cell_motion` class of each of its media tokens; -1 where
+            none is defined and on rows without video (as :meth:`~mmtok.testbed.media_grid.GridBatch.per_row`
+            fills them).
         words: the :func:`motion_words`.
 
     Returns:
@@ -231,8 +234,10 @@ def motion_terms(logits: torch.Tensor, motion: torch.Tensor, words: Sequence[int
         ``[2]`` long counts, for :func:`~mmtok.testbed.dense.balanced_mean` (a video has ~40 object tokens, of
         which 1-4 moved).
     """
-    where = motion >= 0
-    target = motion[where]
-    each = torch.nn.functional.cross_entropy(logits[where][:, list(words)].float(), target, reduction="none")
+    rows, cols = (cells >= 0).nonzero(as_tuple=True)
+    target = motion[rows, cells[rows, cols]]
+    defined = target >= 0
+    rows, cols, target = rows[defined], cols[defined], target[defined]
+    each = torch.nn.functional.cross_entropy(logits[rows, cols][:, list(words)].float(), target, reduction="none")
     moved = target > 0
     return torch.stack([each[~moved].sum(), each[moved].sum()]), torch.stack([(~moved).sum(), moved.sum()])
