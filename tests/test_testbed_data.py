@@ -16,7 +16,7 @@ from mmtok.testbed.data.audio import SAMPLE_RATE, render_audio
 from mmtok.testbed.data.images import draw_shape, render_image
 from mmtok.testbed.data.items import SHAPES, fingerprint, split_of, words
 from mmtok.testbed.data.videos import CELL as VIDEO_CELL
-from mmtok.testbed.data.videos import TEMPORAL, VIDEO_FRAMES, VIDEO_SIZE
+from mmtok.testbed.data.videos import MOTION_SHIFT, TEMPORAL, VIDEO_FRAMES, VIDEO_SIZE, motion_shift
 
 ALL = [(m, f) for m in D.MODALITIES for f in D.families(m)]
 
@@ -169,23 +169,38 @@ def test_video_objects_sit_in_whole_cells_and_events_in_whole_temporal_patches()
         for it in items("video", family, "train", 25)[:12]:
             tracks: dict[int, list[tuple[str, tuple[int, ...]] | None]] = {}
             for t, objs in enumerate(it.scene["frames"]):
-                cells = []
+                cells, boxes = [], []
                 for o in objs:
                     x0, y0, x1, y1 = o["box"]
                     assert 17 <= x1 - x0 <= c - 4 and x1 - x0 == y1 - y0, (family, o)
+                    boxes.append(o["box"])
+                    tracks.setdefault(o["id"], [None] * VIDEO_FRAMES)[t] = (o["colour"], tuple(o["box"]))
+                    if t % TEMPORAL:
+                        continue  # a mover's second frame may be on its way (checked below)
                     # One cell, centred: >= 2 px to its edges, so neighbours keep the 4 px gap.
                     assert (x0 // c, y0 // c) == ((x1 - 1) // c, (y1 - 1) // c), (family, t, o)
                     assert x0 % c >= 2 and y0 % c >= 2 and c - (x1 - 1) % c > 2 and c - (y1 - 1) % c > 2
                     cells.append((x0 // c, y0 // c))
-                    tracks.setdefault(o["id"], [None] * VIDEO_FRAMES)[t] = (o["colour"], tuple(o["box"]))
                 assert len(cells) == len(set(cells)), (family, t)
+                for i, a in enumerate(boxes):  # no two objects overlap, shifted or not
+                    for b in boxes[i + 1:]:
+                        assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (family, t, a, b)
             for states in tracks.values():
-                # Same state (visible or not, box, colour) in both frames of each temporal patch: every event
-                # starts on an even frame and lasts whole patches.
                 for p in range(0, VIDEO_FRAMES, TEMPORAL):
-                    assert len(set(states[p:p + TEMPORAL])) == 1, (family, it.index, states)
-                boxes = [s[1] for s in states if s is not None]
-                for a, b in zip(boxes, boxes[1:], strict=False):  # a move is whole cells
+                    one, two = states[p], states[p + 1]
+                    # Same visibility and colour in both frames of each temporal patch: every event starts on
+                    # an even frame and lasts whole patches; the box too, but for a mover on its way to its
+                    # next patch's cell, whose centre stays in its cell.
+                    assert (one is None) == (two is None) and (one is None or one[0] == two[0]), (family, states)
+                    if one is None or one[1] == two[1]:
+                        continue
+                    assert family in ("moved", "direction"), (family, states)
+                    nxt = states[p + TEMPORAL]
+                    step = ((nxt[1][0] - one[1][0]) // c, (nxt[1][1] - one[1][1]) // c)
+                    assert (two[1][0] - one[1][0], two[1][1] - one[1][1]) == motion_shift(*step) != (0, 0)
+                    assert max(abs(two[1][0] - one[1][0]), abs(two[1][1] - one[1][1])) == MOTION_SHIFT
+                boxes = [s[1] for t, s in enumerate(states) if s is not None and t % TEMPORAL == 0]
+                for a, b in zip(boxes, boxes[1:], strict=False):  # from patch to patch, a move is whole cells
                     assert all((u - v) % c == 0 for u, v in zip(a, b, strict=True)), (family, a, b)
             key = it.scene["query"]["key"]
             if family in ("flash_count", "when", "moved", "direction", "change"):

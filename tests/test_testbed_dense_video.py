@@ -145,21 +145,38 @@ def test_moved_points_the_answer_at_the_mover_only() -> None:
 
 
 def test_video_cell_motion_known_answer() -> None:
-    # the red circle steps right at patch 1; the blue square stays; other cells have no object
-    motion = video_cell_motion(_scene([2, 3])).reshape(2, 4)
-    assert motion.tolist() == [[-1, -1, -1, -1], [-1, 2, -1, 0]]
+    # the red circle is on its way right in patch 0's second frame, then in its new cell at patch 1; the blue
+    # square stays; cells without an object have no class
+    red = {"id": 0, "colour": "red", "shape": "circle"}
+    blue = {"id": 1, "colour": "blue", "shape": "square", "box": [30, 30, 48, 48]}
+    start, on_way, end = {**red, "box": [2, 2, 20, 20]}, {**red, "box": [12, 2, 30, 20]}, {**red, "box": [30, 2, 48, 20]}
+    scene = {"size": 56, "frames": [[start, blue], [on_way, blue], [end, blue], [end, blue]], "query": {"key": []}}
+    motion = video_cell_motion(scene).reshape(2, 4)
+    assert motion.tolist() == [[2, -1, -1, 0], [-1, 0, -1, 0]]
     assert MOTION_WORDS[2] == "right"
-    # up three cells and left one: "up"; a diagonal step as long on both axes has no class; a new object is still
+    # a shift up 10 px and left 4: "up"; a diagonal shift as long on both axes has no class, nor has an
+    # object missing from the patch's second frame
     size = 4 * CELL
 
-    def at(r, c, i):
-        return {"id": i, "colour": "red", "shape": "circle", "box": [c * CELL + 2, r * CELL + 2, c * CELL + 20,
-                                                                   r * CELL + 20]}
-    frames = [[at(3, 1, 0), at(0, 0, 1)]] * 2 + [[at(0, 0, 0), at(1, 1, 1), at(3, 3, 2)]] * 2
+    def at(r, c, i, dx=0, dy=0):
+        x, y = c * CELL + 4 + dx, r * CELL + 4 + dy
+        return {"id": i, "colour": "red", "shape": "circle", "box": [x, y, x + 18, y + 18]}
+    frames = [[at(3, 1, 0), at(1, 1, 1), at(0, 3, 2)], [at(3, 1, 0, -4, -10), at(1, 1, 1, 10, 10)]] * 2
     motion = video_cell_motion({"size": size, "frames": frames, "query": {"key": []}}).reshape(2, 4, 4)
-    assert int(motion[1, 0, 0]) == MOTION_WORDS.index("up")
-    assert int(motion[1, 1, 1]) == -1 and int(motion[1, 3, 3]) == 0
-    assert int((motion[1] >= 0).sum()) == 2
+    assert int(motion[0, 3, 1]) == MOTION_WORDS.index("up")
+    assert int(motion[0, 1, 1]) == -1 and int(motion[0, 0, 3]) == -1
+    assert int((motion[0] >= 0).sum()) == 1
+
+
+def test_generated_movers_show_their_direction_in_the_patches_before_their_steps() -> None:
+    for it in dataset("video", "train", 5, 4, families=["direction"], form="mixed"):
+        motion = video_cell_motion(it.scene).reshape(-1, G * G)
+        objects = video_cell_labels(it.scene)[:, 1].reshape(-1, G * G)
+        moving = (motion > 0).sum(1)
+        # both movers show their direction in 1-2 patches each; every other object token is still
+        assert 2 <= int(moving.sum()) <= 4
+        assert int((motion == 0).sum()) == int((objects > 0).sum()) - int(moving.sum())
+        assert {MOTION_WORDS[int(m)] for m in motion[motion > 0]} >= {it.answer}
 
 
 def test_direction_points_the_answer_at_the_named_mover_and_its_steps_name_the_answer() -> None:

@@ -73,8 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight of the time read-out: each video token names its temporal patch after the first "
                         "layer (mmtok.testbed.dense_video.time_terms; default 0: off)")
     t.add_argument("--motion-weight", type=float, default=0.0,
-                   help="weight of the motion read-out: each video object token names its step since the previous "
-                        "temporal patch after the first layer (mmtok.testbed.dense_video.motion_terms; default 0: off)")
+                   help="weight of the motion read-out: each video object token names which way its object moves "
+                        "within its temporal patch, after the first layer (mmtok.testbed.dense_video.motion_terms; "
+                        "default 0: off)")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")

@@ -1,7 +1,8 @@
 """Dense per-token targets of the video items, for training ``testbed-qwen2vl`` (the image ones: ``dense``).
 
 A generated video lays its objects out on the merged-token grid of ``testbed-qwen2vl`` and keeps every
-state for whole temporal patches (:mod:`mmtok.testbed.data.videos`), so each of its 8 x 12 x 12 video tokens
+state for whole temporal patches (:mod:`mmtok.testbed.data.videos`; a mover's shift on its way to the next
+cell aside, which stays in its cell), so each of its 8 x 12 x 12 video tokens
 covers one cell of one temporal patch, and the scene says exactly what is there. The same three hops as for
 images (:mod:`mmtok.testbed.dense`) get a target: the tied read-out says the colour and shape of the object
 in the token's cell, the relevance marks say whether the token is an *event* the question is about, and the
@@ -23,8 +24,8 @@ from mmtok.testbed.data.items import QAItem
 from mmtok.testbed.data.videos import CELL, DIRECTIONS, PATCHES, TEMPORAL, VIDEO_SIZE
 from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES, class_word_ids
 
-# The words of the motion read-out (:func:`motion_terms`): class 0 "no" (the object is where it was one
-# temporal patch before), then the four directions of :data:`~mmtok.testbed.data.videos.DIRECTIONS`.
+# The words of the motion read-out (:func:`motion_terms`): class 0 "no" (the object does not move within its
+# temporal patch), then the four directions of :data:`~mmtok.testbed.data.videos.DIRECTIONS`.
 MOTION_WORDS = ("no", *DIRECTIONS)
 # Columns of :func:`video_batch_labels`: the probe heads' three, then motion, then the key and order flags.
 MOTION_COLUMN = 3
@@ -75,26 +76,33 @@ def video_cell_labels(scene: dict[str, Any]) -> torch.Tensor:
 
 
 def video_cell_motion(scene: dict[str, Any], objects: torch.Tensor | None = None) -> torch.Tensor:
-    """``[P * G * G]`` long: each object token's step since the previous temporal patch, -1 where none is defined.
+    """``[P * G * G]`` long: which way each object token's object moves within its temporal patch, -1: none.
 
-    The class indexes :data:`MOTION_WORDS`: 0 the object is in the same cell as one patch before (or was not
-    shown then), 1-4 it came from another cell, named by the larger axis of its step (left, right, up, down;
-    rows grow downwards). -1: no object in the cell, the first patch (nothing before it), or a diagonal step
-    as long on both axes (no single direction). ``objects``: the scene's ``_cell_objects`` when already computed.
+    A temporal patch is two frames (Qwen2-VL's patch embedding spans both), and a generated mover is already
+    on its way to its next cell in the second frame of the patch before each step
+    (:func:`~mmtok.testbed.data.videos.motion_shift`), so one token's content shows the motion, as a moving
+    object's patch does in real video. The class indexes :data:`MOTION_WORDS`: 0 the object has the same box
+    in both frames, 1-4 it moved, named by the larger axis of its shift (left, right, up, down; rows grow
+    downwards). -1: no object in the cell, an object missing from the patch's second frame, or a diagonal
+    shift as long on both axes (no single direction). ``objects``: the scene's ``_cell_objects`` when already
+    computed.
     """
     objects = _cell_objects(scene) if objects is None else objects
     patches, g = objects.shape[0], objects.shape[1]
     out = torch.full((patches, g, g), -1, dtype=torch.long)
-    for p in range(1, patches):
-        before = {int(objects[p - 1, r, c]): (r, c) for r, c in torch.nonzero(objects[p - 1] >= 0).tolist()}
+    for p in range(patches):
+        first = {obj["id"]: obj["box"] for obj in scene["frames"][p * TEMPORAL]}
+        second = {obj["id"]: obj["box"] for obj in scene["frames"][p * TEMPORAL + TEMPORAL - 1]}
         for r, c in torch.nonzero(objects[p] >= 0).tolist():
-            prev = before.get(int(objects[p, r, c]))
-            dr, dc = (0, 0) if prev is None else (r - prev[0], c - prev[1])
-            if abs(dc) > abs(dr):
-                out[p, r, c] = 1 if dc < 0 else 2
-            elif abs(dr) > abs(dc):
-                out[p, r, c] = 3 if dr < 0 else 4
-            elif dr == 0:
+            i = int(objects[p, r, c])
+            if i not in second:
+                continue
+            dx, dy = second[i][0] - first[i][0], second[i][1] - first[i][1]
+            if abs(dx) > abs(dy):
+                out[p, r, c] = 1 if dx < 0 else 2
+            elif abs(dy) > abs(dx):
+                out[p, r, c] = 3 if dy < 0 else 4
+            elif dx == 0:
                 out[p, r, c] = 0
     return out.reshape(-1)
 
@@ -210,16 +218,15 @@ def motion_words(tokenizer: Any) -> list[int]:
 
 def motion_terms(logits: torch.Tensor, cells: torch.Tensor, motion: torch.Tensor, words: Sequence[int]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy sums and counts of the object tokens naming their step, over still and moved tokens.
+    """Cross-entropy sums and counts of the object tokens naming their motion, over still and moved tokens.
 
-    Which way an object moved (and which object moved at all) is a comparison of its cells in two temporal
-    patches, while a token's content says only what is in its own cell and M-RoPE's row and column indices
-    enter only the attention scores, never the tokens. A token can see its object one patch before through
-    attention, though: its relative offset is in the rotated scores. As the time read-out
+    Which object moved and which way is visible in a mover's own tokens: in the patch before each step its
+    second frame is already on its way (:func:`video_cell_motion`). As the time read-out
     (:func:`time_terms`), the model's next-word logits after the first layer, restricted to ``words``, are
-    trained at each object token to name its step since the previous patch (the dense analogue of optical
-    flow, in whole cells): "no", or the direction word of the family's answers. The answer position then
-    reads the mover's tokens (``answer_id``'s order marks) and finds the direction there.
+    trained at each object token to name that motion: "no", or the direction word of the family's answers.
+    The answer position then reads the mover's tokens (``answer_id``'s order marks) and finds the direction
+    there. (Stage cpu8 trained this read-out on the step since the previous patch instead, a comparison of
+    two patches that only attention could make; after 1,000 steps it stayed near chance.)
 
     Args:
         logits: ``[B, L, V]`` next-word logits read out after the first layer.

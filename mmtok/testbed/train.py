@@ -200,8 +200,8 @@ def train(
         time_weight: weight of the time read-out (:func:`mmtok.testbed.dense_video.time_terms`: each video
             token names its temporal patch after the first layer) in the dense loss; 0 (default): off.
         motion_weight: weight of the motion read-out (:func:`mmtok.testbed.dense_video.motion_terms`: each
-            video object token names its step since the previous temporal patch after the first layer) in the
-            dense loss; 0 (default): off.
+            video object token names which way its object moves within its temporal patch, after the first
+            layer) in the dense loss; 0 (default): off.
         log: where progress lines go.
 
     Returns:

@@ -6,9 +6,14 @@ grid of the shipped ``testbed-qwen2vl``: its processor keeps 336 px frames as th
 cuts 14 px patches of ``TEMPORAL`` = 2 frames and merges 2 x 2 of them, so one video token covers a
 ``CELL`` = 28 px cell (12 x 12 per frame) of one temporal patch (frames ``2p, 2p + 1``): 8 x 12 x 12 =
 1,152 tokens. An ordinary object (17-23 px) is centred in one cell and keeps a gap of at least 4 px to its
-neighbours; a moving object jumps by whole cells. Every object's state (visible or not, cell, colour) is the
-same in both frames of a temporal patch, so every event (an appearance, a flash, a step of a move, a colour
-change) starts on an even frame and lasts whole temporal patches. Events last one or two temporal patches or
+neighbours; a moving object steps by whole cells from one temporal patch to the next. Every object's state
+(visible or not, cell, colour) is the same in both frames of a temporal patch, so every event (an
+appearance, a flash, a step of a move, a colour change) starts on an even frame and lasts whole temporal
+patches; the one exception is motion itself: in the patch before each step, a mover's second frame is
+already ``MOTION_SHIFT`` px on its way to the next cell (its centre stays in its cell), as a camera that
+samples a moving object twice per patch would see it. So, as in real video, a temporal patch of a moving
+object shows which way it moves (Qwen2-VL's patch embedding spans both frames), while the cells and
+events stay whole patches. Events last one or two temporal patches or
 are one or two apart, so a compressor that drops the wrong tokens loses the answer. Within one video every
 object has its own (colour, shape) pair (in the colour-change family, its own shape), objects never
 overlap in any frame, and the scene lists, per frame, every visible object.
@@ -41,6 +46,10 @@ VIDEO_FPS = 4.0
 CELL = 28  # layout grid pitch: one merged token of testbed-qwen2vl (14 px patches, 2 x 2 merge)
 TEMPORAL = 2  # frames per temporal patch of testbed-qwen2vl: events start on even frames
 PATCHES = VIDEO_FRAMES // TEMPORAL
+# px a mover has travelled towards its next cell in the second frame of the patch before a step (dominant
+# axis): less than half a cell, so its centre stays in its cell, and under an object's size (17-23 px), so
+# the two frames of the patch overlap and one token's patch shows the motion.
+MOTION_SHIFT = 10
 FLASH_COUNTS = ("1", "2", "3", "4")
 DIRECTIONS = ("left", "right", "up", "down")
 # Inclusive frame ranges, whole temporal patches, one patch away from the thirds' edges (frames 5.3, 10.7).
@@ -58,6 +67,18 @@ def render_video(scene: dict[str, Any]) -> list[Image.Image]:
             draw_shape(draw, obj["shape"], obj["box"], COLOURS[obj["colour"]])
         frames.append(img)
     return frames
+
+
+def motion_shift(dx: int, dy: int) -> tuple[int, int]:
+    """``(x, y)`` px a mover is on its way in the second frame of a patch before a step of ``(dx, dy)`` cells.
+
+    :data:`MOTION_SHIFT` px along the step's larger axis, the other axis in proportion (a diagonal step
+    shifts diagonally); ``(0, 0)`` when the object does not step.
+    """
+    longest = max(abs(dx), abs(dy))
+    if longest == 0:
+        return 0, 0
+    return round(MOTION_SHIFT * dx / longest), round(MOTION_SHIFT * dy / longest)
 
 
 def _patch_frames(patches: set[int] | range) -> set[int]:
@@ -87,18 +108,27 @@ class _Video:
     def mover(self, name: str, dx: int, dy: int, p0: int, steps: int) -> None:
         """An object that moves by ``(dx, dy)`` cells over temporal patches ``p0 + 1 .. p0 + steps``.
 
-        It rests before and after, and moves by whole cells from one temporal patch to the next.
+        It rests before and after, and moves by whole cells from one temporal patch to the next; in the
+        second frame of each patch before a step it is :func:`motion_shift` px on its way.
         """
         colour, shape = name.split()
         s = self.size()
-        # The sweep of a cell-snapped box is centred in the block of cells the object passes over.
+        # The sweep of a cell-snapped box is centred in the block of cells the object passes over; every
+        # frame's box, the shifted ones included, lies inside it, so a mover never overlaps another object.
         sweep = self.lay.place(s + CELL * abs(dx), s + CELL * abs(dy))
         x0 = sweep[0] + (CELL * abs(dx) if dx < 0 else 0)
         y0 = sweep[1] + (CELL * abs(dy) if dy < 0 else 0)
+        cells = []  # per temporal patch, the (column, row) offset in cells from the start
+        for p in range(PATCHES):
+            f = min(max((p - p0) / steps, 0.0), 1.0)
+            cells.append((round(f * dx), round(f * dy)))
         boxes: list[list[int] | None] = []
         for t in range(VIDEO_FRAMES):
-            f = min(max((t // TEMPORAL - p0) / steps, 0.0), 1.0)
-            x, y = x0 + CELL * round(f * dx), y0 + CELL * round(f * dy)
+            p = t // TEMPORAL
+            (cx, cy), (sx, sy) = cells[p], (0, 0)
+            if t % TEMPORAL == TEMPORAL - 1 and p + 1 < PATCHES:
+                sx, sy = motion_shift(cells[p + 1][0] - cx, cells[p + 1][1] - cy)
+            x, y = x0 + CELL * cx + sx, y0 + CELL * cy + sy
             boxes.append([x, y, x + s, y + s])
         self.tracks.append(([colour] * VIDEO_FRAMES, shape, boxes))
 
