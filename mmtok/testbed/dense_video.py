@@ -140,7 +140,8 @@ def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
     ``query["answer_id"]`` where the query names one), so the first answer word attends to the object it
     names, as an image relation answer does ("which object appeared first / last": the answer's own
     appearance among all the key appearances; "which object moved": the mover's tokens, not the cells it
-    left empty; "which way did X move": X's tokens, not another mover's); 0 elsewhere.
+    left empty; "which way did X move": X's tokens on its way, whose motion class is the answer, not another
+    mover's, nor X where it arrived); 0 elsewhere.
 
     Raises:
         ValueError: ``items`` holds no video.

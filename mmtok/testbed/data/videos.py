@@ -247,8 +247,9 @@ def _direction(rng: np.random.Generator) -> Draft:
     for name in names[2:]:
         v.still(name)
     frames = _move_frames(p0, steps)
-    # The answer is read off the named mover's own steps ("answer_id"), not the other mover's.
-    query = {"key": frames, "answer_key": frames, "answer_id": target}
+    # The answer is read off the named mover's own tokens ("answer_id"), not the other mover's, in the patches
+    # that show it on its way (before each step), not where it has arrived.
+    query = {"key": frames, "answer_key": sorted(_patch_frames(range(p0, p0 + steps))), "answer_id": target}
     return Draft(v.scene(query), f"which way did the {names[0]} move ?", direction,
                  mc_choices(rng, direction, DIRECTIONS))
 
