@@ -13,8 +13,8 @@ patches; the one exception is motion itself: in the patch before each step, a mo
 already ``MOTION_SHIFT`` px on its way to the next cell (its centre stays in its cell), as a camera that
 samples a moving object twice per patch would see it. So, as in real video, a temporal patch of a moving
 object shows which way it moves (Qwen2-VL's patch embedding spans both frames), while the cells and
-events stay whole patches. Events last one or two temporal patches or
-are one or two apart, so a compressor that drops the wrong tokens loses the answer. Within one video every
+events stay whole patches. Events last one or two temporal patches or are one or two apart, so a
+compressor that drops the wrong tokens loses the answer. Within one video every
 object has its own (colour, shape) pair (in the colour-change family, its own shape), objects never
 overlap in any frame, and the scene lists, per frame, every visible object.
 """
