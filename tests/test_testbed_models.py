@@ -298,3 +298,22 @@ def test_warm_start_takes_the_weights_and_continues_the_data(tmp_path):
     assert "| 1 | 2 of 2 x 8 |" in card and "| 2 | 3 of 3 x 8 |" in card and "| 3 | 1 of 1 x 8 |" in card
     with pytest.raises(FileNotFoundError, match="warm-start"):
         _run(tmp_path / "cold", init_from=tmp_path / "nowhere")
+
+
+def test_a_warm_start_from_an_export_matches_one_from_its_checkpoint(tmp_path):
+    _run(tmp_path / "first", steps=2)
+    second = _run(tmp_path / "second", steps=2, init_from=tmp_path / "first", out=tmp_path / "export", eval_n=1)
+    record = json.loads((tmp_path / "export" / "training.json").read_text())
+    assert record["step"] == 2 and record["settings"] == json.loads(json.dumps(second["settings"]))
+    from_ckpt = _run(tmp_path / "a", steps=1, until=0, init_from=tmp_path / "second")
+    from_export = _run(tmp_path / "b", steps=1, until=0, init_from=tmp_path / "export")
+    for (name, a), b in zip(from_ckpt["model"].state_dict().items(), from_export["model"].state_dict().values(),
+                            strict=True):
+        # the export is fp16: its weights are the checkpoint's, rounded
+        assert torch.equal(a.half().float(), b), name
+    ours, theirs = from_export["settings"]["init_from"], from_ckpt["settings"]["init_from"]
+    assert ours["path"].endswith("training.json") and theirs["path"].endswith("checkpoint.pt")
+    assert ours["items"] == theirs["items"] == 4 * 8 and ours["step"] == theirs["step"] == 2
+    assert ours["lineage"] == theirs["lineage"] and [s["step"] for s in ours["lineage"]] == [2, 2]
+    with pytest.raises(FileNotFoundError, match="training.json"):
+        _run(tmp_path / "c", steps=1, until=0, init_from=tmp_path / "nowhere")

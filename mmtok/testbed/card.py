@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,16 @@ import torch
 from mmtok.adapters import supported_model_types
 from mmtok.testbed.data import chance, families
 from mmtok.testbed.models import TestbedSpec
+from mmtok.testbed.warm_start import TRAINING_RECORD, training_record
 
 
 def export(spec: TestbedSpec, model: Any, processor: Any, out: Path, settings: dict[str, Any],
            history: dict[str, Any], eval_n: int) -> None:
-    """Write ``out``: fp16 ``model.safetensors`` + config, processor, tokenizer, chat template, ``README.md``."""
+    """Write ``out``: fp16 weights, config, processor, tokenizer, chat template, card and training record.
+
+    The record (``training.json``) is what a later stage warm-started from ``out`` needs
+    (:mod:`mmtok.testbed.warm_start`).
+    """
     out.mkdir(parents=True, exist_ok=True)
     half = type(model)(model.config)
     half.load_state_dict(model.state_dict())
@@ -23,6 +29,8 @@ def export(spec: TestbedSpec, model: Any, processor: Any, out: Path, settings: d
     half.to(torch.float16).save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "README.md").write_text(model_card(spec, model, processor, settings, history, eval_n, out))
+    record = training_record(len(history["losses"]), settings, history)
+    (out / TRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str, Any], history: dict[str, Any],

@@ -45,6 +45,7 @@ from mmtok.testbed.train_measures import (
     to_device,
 )
 from mmtok.testbed.transfer import transfer_language_model
+from mmtok.testbed.warm_start import load_warm_start
 
 ROOT = Path(__file__).resolve().parents[2]
 # Train-split scenes (of seed + 1, so not a batch the run trains on first) for fitting a Qwen2-VL merger's
@@ -156,7 +157,8 @@ def train(
         work_dir: checkpoints and ``log.jsonl``; ``/tmp/<name>`` when None.
         out: directory to export to at the end (e.g. ``assets/<name>``); no export when None.
         resume: continue from ``work_dir/checkpoint.pt`` (same settings), or start fresh when absent.
-        init_from: warm start: the weights of another run's ``checkpoint.pt`` (or its work dir), with a fresh
+        init_from: warm start: the weights of another run's ``checkpoint.pt`` (or its work dir), or of an
+            exported model directory that records its training (``training.json``), with a fresh
             optimiser and schedule; its data continues after the items that run consumed, so no item is
             seen twice. Recorded in the settings (and the model card).
         eval_every: steps between held-out evaluations (0: only at the end).
@@ -244,11 +246,7 @@ def train(
         settings["distill_from"], settings["distill_weight"] = str(distill_from), float(distill_weight)
     warm = None
     if init_from is not None:
-        source = Path(init_from)
-        source = source / "checkpoint.pt" if source.is_dir() else source
-        if not source.is_file():
-            raise FileNotFoundError(f"no checkpoint to warm-start from at {source}")
-        warm = torch.load(source, weights_only=False, map_location="cpu")
+        warm, source = load_warm_start(init_from)
         before = warm["settings"].get("init_from") or {"items": 0}
         settings["init_from"] = {"path": str(source), "step": warm["step"],
                                  "items": before["items"] + warm["step"] * warm["settings"]["batch_size"],
