@@ -15,6 +15,7 @@ from mmtok.testbed.dense import (  # noqa: E402
     CHAR_CLASSES,
     COLOUR_CLASSES,
     HORIZONTAL_CLASSES,
+    IGNORE,
     IMAGE_HEADS,
     SHAPE_CLASSES,
     TEMPERATURE,
@@ -203,6 +204,23 @@ def test_tied_read_out_scores_tokens_against_the_class_words() -> None:
     assert COLOUR_CLASSES[int(colour.argmax())] == "red" and SHAPE_CLASSES[int(shape.argmax())] == "circle"
     with pytest.raises(ValueError, match="word_ids"):
         DenseProbe(emb, [ids[0], ids[1]])
+
+
+def test_balanced_read_out_weighs_each_class_alike() -> None:
+    # Word vectors e0, e1, e2 (orthonormal): a token equal to e0 scores class 0 at TEMPERATURE, the others at 0.
+    words = torch.nn.Embedding(3, 3)
+    with torch.no_grad():
+        words.weight.copy_(torch.eye(3))
+    tokens = torch.eye(3)[[0, 0, 0, 1]][None]  # three tokens read as class 0, one as class 1
+    labels = torch.tensor([[0, 0, 0, 2]])[..., None]  # the last is class 2, read wrong
+    right = torch.log(2 + torch.exp(torch.tensor(TEMPERATURE))) - TEMPERATURE  # CE of a token read right
+    wrong = torch.log(2 + torch.exp(torch.tensor(TEMPERATURE)))  # CE of the class-2 token (scores T, 0, 0)
+    plain = DenseProbe(words, [[0, 1, 2]], [("a", "b", "c")])
+    balanced = DenseProbe(words, [[0, 1, 2]], [("a", "b", "c")], balanced=True)
+    assert torch.allclose(plain(tokens, labels), (3 * right + wrong) / 4)
+    assert torch.allclose(balanced(tokens, labels), (right + wrong) / 2)  # the mean of class 0's and class 2's
+    ignored = torch.tensor([[0, IGNORE, IGNORE, 2]])[..., None]
+    assert torch.allclose(balanced(tokens, ignored), (right + wrong) / 2)
 
 
 def test_key_cells_known_answer_and_every_family_has_its_keys() -> None:

@@ -171,11 +171,17 @@ class DenseProbe(torch.nn.Module):
     and tokens that large drown everything the language model's layers add to them. The probe has no
     weights of its own. Other heads (``heads``: one tuple of class words each) read out other media, e.g.
     the event kind of an audio token (:mod:`mmtok.testbed.dense_audio`).
+
+    ``balanced``: each head's loss is the mean over the classes that occur of each class's mean
+    cross-entropy (:func:`balanced_mean`) instead of the mean over tokens, for heads whose rare classes carry
+    the answers (an audio clip's chirp covers ~4 % of its tokens; with the token mean, ``testbed-audio``'s
+    encoder read 116 of 159 held-out chirp tokens as "tone").
     """
 
     def __init__(self, word_embeddings: torch.nn.Embedding, word_ids: Sequence[Sequence[int]],
-                 heads: Sequence[Sequence[str]] = VISUAL_HEADS) -> None:
+                 heads: Sequence[Sequence[str]] = VISUAL_HEADS, balanced: bool = False) -> None:
         super().__init__()
+        self.balanced = balanced
         self.sizes = tuple(len(classes) for classes in heads)
         if tuple(len(ids) for ids in word_ids) != self.sizes:
             raise ValueError(f"word_ids must list {self.sizes} ids for the {len(heads)} heads, "
@@ -189,7 +195,7 @@ class DenseProbe(torch.nn.Module):
         return TEMPERATURE * torch.nn.functional.normalize(tokens, dim=-1) @ words.T
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of the heads' mean cross-entropies.
+        """Sum of the heads' mean (or class-balanced mean) cross-entropies.
 
         Args:
             tokens: ``[n_media, N, hidden]`` media tokens as the language model receives them.
@@ -205,9 +211,19 @@ class DenseProbe(torch.nn.Module):
         if tokens.shape[:2] != labels.shape[:2]:
             raise ValueError(f"{tuple(tokens.shape[:2])} visual tokens but labels for {tuple(labels.shape[:2])}")
         logits = self.logits(tokens).float().split(self.sizes, dim=-1)
-        return sum(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., k].reshape(-1),
-                                                     ignore_index=IGNORE)
-                   for k, lg in enumerate(logits))
+        total = tokens.new_zeros((), dtype=torch.float32)
+        for k, lg in enumerate(logits):
+            target = labels[..., k].reshape(-1)
+            if not self.balanced:
+                total = total + torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), target,
+                                                                  ignore_index=IGNORE)
+                continue
+            keep = target != IGNORE
+            losses = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1])[keep], target[keep],
+                                                       reduction="none")
+            sums = losses.new_zeros(self.sizes[k]).index_add(0, target[keep], losses)
+            total = total + balanced_mean(sums, torch.bincount(target[keep], minlength=self.sizes[k]))
+        return total
 
 
 def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int

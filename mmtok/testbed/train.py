@@ -140,6 +140,7 @@ def train(
     position_homotopy: float = 0.0,
     time_weight: float = 0.0,
     motion_weight: float = 0.0,
+    balanced_probe: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -204,6 +205,9 @@ def train(
         motion_weight: weight of the motion read-out (:func:`mmtok.testbed.dense_video.motion_terms`: each
             video object token names which way its object moves within its temporal patch, after the first
             layer) in the dense loss; 0 (default): off.
+        balanced_probe: the read-outs of the media tokens take each head's class-balanced mean
+            (:class:`mmtok.testbed.dense.DenseProbe`, for rare classes such as an audio clip's chirp
+            tokens); False (default): the mean over tokens.
         log: where progress lines go.
 
     Returns:
@@ -235,6 +239,8 @@ def train(
         settings["time_weight"] = float(time_weight)  # absent when off: older runs' settings still resume
     if motion_weight:
         settings["motion_weight"] = float(motion_weight)
+    if balanced_probe:
+        settings["balanced_probe"] = True
     if modalities is not None:
         unknown = sorted(set(modalities) - set(spec.modalities))
         if unknown or not modalities:
@@ -291,7 +297,8 @@ def train(
         words = model.get_input_embeddings()
         for media in spec.modalities:
             heads = {"image": IMAGE_HEADS, "video": VISUAL_HEADS, "audio": AUDIO_HEADS}[media]
-            probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads).to(device_of(model))
+            probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads,
+                                       balanced=balanced_probe).to(device_of(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
     clock_words = step_words = None
     for weight, read_out in ((time_weight, "time"), (motion_weight, "motion")):
