@@ -13,7 +13,13 @@ from mmtok.testbed.data import dataset  # noqa: E402
 from mmtok.testbed.data.images import CELL  # noqa: E402
 from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids  # noqa: E402
 from mmtok.testbed.dense_step import dense_parts, pool, split_by_medium  # noqa: E402
-from mmtok.testbed.dense_video import motion_words, time_words, video_batch_labels  # noqa: E402
+from mmtok.testbed.dense_video import (  # noqa: E402
+    APPEARANCE_COLUMN,
+    appearance_words,
+    motion_words,
+    time_words,
+    video_batch_labels,
+)
 from mmtok.testbed.models import Size, encode_items, get_spec  # noqa: E402
 
 # The shipped Qwen2-VL token grids (16 x 16 per image, 8 x 12 x 12 per video) with small widths.
@@ -33,7 +39,7 @@ def mixed():
               for m, heads in (("image", IMAGE_HEADS), ("video", VISUAL_HEADS))}
     yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
     return (model.eval(), batch, labels, probes, yes_no, time_words(processor.tokenizer),
-            motion_words(processor.tokenizer))
+            motion_words(processor.tokenizer), appearance_words(processor.tokenizer))
 
 
 def test_split_cuts_rows_and_padding(mixed) -> None:
@@ -49,23 +55,32 @@ def test_split_cuts_rows_and_padding(mixed) -> None:
 
 
 def test_pooled_parts_equal_the_whole_batch(mixed) -> None:
-    model, batch, labels, probes, yes_no, clock, steps = mixed
-    whole = dense_parts(model, batch, labels, probes, yes_no, attend=True, time=clock, motion=steps)
-    parts = [dense_parts(model, sub, labels, probes, yes_no, attend=True, time=clock, motion=steps)
+    model, batch, labels, probes, yes_no, clock, steps, runs = mixed
+    reads = {"time": clock, "motion": steps, "appearance": runs}
+    whole = dense_parts(model, batch, labels, probes, yes_no, attend=True, **reads)
+    parts = [dense_parts(model, sub, labels, probes, yes_no, attend=True, **reads)
              for sub in split_by_medium(model, batch)]
     assert [sorted(p.tokens) for p in parts] == [["image"], ["video"]]
     with torch.no_grad():
         stock = model(**batch).loss
-    answer, dense, terms = pool(parts, attention_weight=0.7, time_weight=0.5, motion_weight=0.3)
-    want_answer, want_dense, want_terms = pool([whole], attention_weight=0.7, time_weight=0.5, motion_weight=0.3)
-    assert set(terms) == {"probe", "relevance", "attention", "time", "motion"}
+    weights = dict(attention_weight=0.7, time_weight=0.5, motion_weight=0.3, appearance_weight=0.2)
+    answer, dense, terms = pool(parts, **weights)
+    want_answer, want_dense, want_terms = pool([whole], **weights)
+    assert set(terms) == {"probe", "relevance", "attention", "time", "motion", "appearance"}
     assert all(abs(terms[k] - want_terms[k]) < 1e-5 for k in terms)
+    moving = pool(parts, attention_weight=0.7, time_weight=0.5, motion_weight=0.3)[1]
+    assert torch.allclose(dense - moving, torch.tensor(0.2 * terms["appearance"]), atol=1e-5)
     timed = pool(parts, attention_weight=0.7, time_weight=0.5)[1]
-    assert torch.allclose(dense - timed, torch.tensor(0.3 * terms["motion"]), atol=1e-5)  # the motion read-out counts
+    assert torch.allclose(moving - timed, torch.tensor(0.3 * terms["motion"]), atol=1e-5)  # the motion read-out counts
     assert not torch.allclose(timed, pool(parts, attention_weight=0.7)[1])  # the time read-out counts
     objects = int((labels["video"][..., 3] >= 0).sum())
     assert int(whole.motion_counts.sum()) == int(parts[1].motion_counts.sum()) == objects > 0
     assert int(parts[0].motion_counts.sum()) == 0
+    shown = torch.bincount(labels["video"][..., APPEARANCE_COLUMN][labels["video"][..., APPEARANCE_COLUMN] >= 0],
+                           minlength=len(runs))
+    assert torch.equal(whole.appearance_counts, shown) and torch.equal(parts[1].appearance_counts, shown)
+    assert int(shown.sum()) == int((labels["video"][..., 1] > 0).sum()) >= objects  # every object token has one
+    assert int(parts[0].appearance_counts.sum()) == 0
     assert whole.time_count == parts[1].time_count == 2 * 8 * 12 * 12 and parts[0].time_count == 0
     assert torch.allclose(want_answer, stock, atol=1e-5)  # the summed answer loss is the stock one
     assert torch.allclose(answer, want_answer, atol=1e-5)
@@ -74,7 +89,7 @@ def test_pooled_parts_equal_the_whole_batch(mixed) -> None:
     assert torch.equal(whole.relevance_counts, sum(p.relevance_counts for p in parts))
 
 
-@pytest.mark.parametrize("read_out", ["time", "motion"])
+@pytest.mark.parametrize("read_out", ["time", "motion", "appearance"])
 def test_video_read_outs_need_video_batches(tmp_path, read_out) -> None:
     from mmtok.testbed.train import train
 

@@ -16,13 +16,18 @@ from mmtok.testbed.data import dataset, families  # noqa: E402
 from mmtok.testbed.data.videos import CELL, VIDEO_FRAMES, VIDEO_SIZE  # noqa: E402
 from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES  # noqa: E402
 from mmtok.testbed.dense_video import (  # noqa: E402
+    APPEARANCE_COLUMN,
+    APPEARANCE_WORDS,
     MOTION_COLUMN,
     MOTION_WORDS,
+    appearance_terms,
+    appearance_words,
     motion_terms,
     motion_words,
     time_terms,
     time_words,
     video_batch_labels,
+    video_cell_appearance,
     video_cell_labels,
     video_cell_motion,
     video_key_cells,
@@ -62,13 +67,14 @@ def test_video_key_cells_mark_the_events_of_the_key_patches() -> None:
 def test_every_generated_video_question_has_event_tokens() -> None:
     items = list(dataset("video", "train", 3 * len(families("video")), form="mixed"))
     labels = video_batch_labels(items)
-    assert labels.shape == (len(items), VIDEO_FRAMES // 2 * G * G, 6)
+    assert labels.shape == (len(items), VIDEO_FRAMES // 2 * G * G, 7)
     for it, lab in zip(items, labels, strict=True):
         assert int(lab[:, KEY].sum()) >= 1, it.family
         patches = {int(i) // (G * G) for i in lab[:, KEY].nonzero()}
         assert patches <= {f // 2 for f in it.scene["query"]["key"]}
         assert lab[:, MOTION_COLUMN].tolist() == video_cell_motion(it.scene).tolist()
-        if it.family in ("first", "last", "moved", "direction"):  # the answer word attends to the object it names
+        assert lab[:, APPEARANCE_COLUMN].tolist() == video_cell_appearance(it.scene).tolist()
+        if it.family in ("first", "last", "moved", "direction", "flash_count"):  # the answer attends to its object
             events = video_key_cells(it.scene, frames=it.scene["query"]["answer_key"])
             assert set(lab[:, ORDER].nonzero()[:, 0].tolist()) <= set((events * (lab[:, 1] > 0)).nonzero()[:, 0].tolist())
             assert int(lab[:, ORDER].sum()) >= 1
@@ -211,3 +217,54 @@ def test_motion_words_are_no_and_the_directions() -> None:
     _, processor = get_spec("testbed-qwen2vl").build("tiny")
     ids = motion_words(processor.tokenizer)
     assert processor.tokenizer.convert_ids_to_tokens(ids) == ["no", "left", "right", "up", "down"]
+
+
+def test_video_cell_appearance_known_answer() -> None:
+    # the red circle is in view in patches 0, 2-3 and 5 (the 2nd frame of each patch as its 1st), the blue
+    # square throughout; its 5th appearance would be past the words
+    red = {"id": 0, "colour": "red", "shape": "circle", "box": [2, 2, 20, 20]}  # cell (0, 0)
+    blue = {"id": 1, "colour": "blue", "shape": "square", "box": [30, 30, 48, 48]}  # cell (1, 1)
+    shown = [0, 2, 3, 5]
+    frames = [[red, blue] if t // 2 in shown else [blue] for t in range(12)]
+    runs = video_cell_appearance({"size": 56, "frames": frames, "query": {"key": []}}).reshape(6, 4)
+    assert runs[:, 0].tolist() == [0, -1, 1, 1, -1, 2]
+    assert runs[:, 3].tolist() == [0] * 6 and (runs[:, 1:3] == -1).all()
+    assert APPEARANCE_WORDS[2] == "3"
+    often = [[red, blue] if t // 2 % 2 == 0 else [blue] for t in range(20)]  # 5 appearances in 10 patches
+    runs = video_cell_appearance({"size": 56, "frames": often, "query": {"key": []}}).reshape(10, 4)
+    assert runs[:, 0].tolist() == [0, -1, 1, -1, 2, -1, 3, -1, -1, -1]
+
+
+def test_flash_count_points_the_answer_at_the_named_objects_last_flash() -> None:
+    for it in dataset("video", "train", 8, 6, families=["flash_count"], form="mixed"):
+        lab = video_batch_labels([it])[0]
+        marked = lab[:, ORDER].nonzero()[:, 0]
+        assert len(marked) > 0
+        colour, shape = re.search(r"did the (\w+) (\w+) flash", it.question).groups()
+        assert {(COLOUR_CLASSES[int(lab[i, 0])], SHAPE_CLASSES[int(lab[i, 1])]) for i in marked} == {(colour, shape)}
+        # each marked token is on the named object's last appearance: its class is the answer
+        assert {APPEARANCE_WORDS[int(a)] for a in lab[marked, APPEARANCE_COLUMN]} == {it.answer}
+        # and all of that flash's patches are marked (1 or 2 patches of the object's cells)
+        patches = {int(i) // (G * G) for i in marked}
+        assert len(patches) in (1, 2) and max(patches) - min(patches) == len(patches) - 1
+
+
+def test_appearance_terms_known_answer() -> None:
+    words = [10, 11, 12, 13]
+    # row 0: media tokens 0 (1st appearance) and 2 (3rd) at positions 0 and 2, token 1 (no object) at 1
+    cells = torch.tensor([[0, 1, 2]])
+    runs = torch.tensor([[0, -1, 2]])
+    logits = torch.zeros(1, 3, 20)
+    logits[0, 0, 10] = 3.0  # says "1": right
+    logits[0, 2, 11] = 1.0  # says "2": wrong
+    sums, counts = appearance_terms(logits, cells, runs, words)
+    assert counts.tolist() == [1, 0, 1, 0]
+    first = -torch.log_softmax(torch.tensor([3.0, 0, 0, 0]), 0)[0]
+    third = -torch.log_softmax(torch.tensor([0, 1.0, 0, 0]), 0)[2]
+    assert torch.allclose(sums, torch.stack([first, torch.tensor(0.0), third, torch.tensor(0.0)]))
+
+
+def test_appearance_words_are_the_flash_counts() -> None:
+    _, processor = get_spec("testbed-qwen2vl").build("tiny")
+    ids = appearance_words(processor.tokenizer)
+    assert processor.tokenizer.convert_ids_to_tokens(ids) == ["1", "2", "3", "4"]

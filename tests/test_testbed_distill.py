@@ -114,9 +114,11 @@ def test_stage_table_names_what_each_stage_took_from_elsewhere():
     first = {"settings": {**base, "init_lm_from": "assets/testbed-llava"}, "step": 10,
              "history": {"seconds": 60.0, "hardware": "one H200 GPU"}}
     settings = {**base, "distill_from": "assets/testbed-llava", "distill_weight": 1.0, "modalities": ["image"],
-                "position_homotopy": 0.6, "time_weight": 0.5, "motion_weight": 0.25,
+                "position_homotopy": 0.6, "time_weight": 0.5, "motion_weight": 0.25, "appearance_weight": 0.5,
+                "balanced_probe": True,
                 "init_from": {"lineage": [stage(first)]}}
     rows = lineage_rows(settings, {"losses": [0.0] * 4, "seconds": 30.0}, "x86_64 CPU (2 threads)")
     assert rows[-2].endswith("| language model from `assets/testbed-llava` |")
     assert rows[-1].endswith("| image tokens distilled from `assets/testbed-llava` (weight 1.0); image only; positions 1-D -> M-RoPE over 60% of the steps; video time read-out (weight 0.5); "
-                            "video motion read-out (weight 0.25) |")
+                            "video motion read-out (weight 0.25); video appearance read-out (weight 0.5); "
+                            "class-balanced read-outs |")

@@ -73,6 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--time-weight", type=float, default=0.0,
                    help="weight of the time read-out: each video token names its temporal patch after the first "
                         "layer (mmtok.testbed.dense_video.time_terms; default 0: off)")
+    t.add_argument("--appearance-weight", type=float, default=0.0,
+                   help="weight of the appearance read-out: each video object token names which time its object is "
+                        "in view (its k-th flash), after the first layer (mmtok.testbed.dense_video."
+                        "appearance_terms; default 0: off)")
     t.add_argument("--balanced-probe", action="store_true",
                    help="the media tokens' read-outs weigh each class alike (class-balanced mean; for rare "
                         "classes such as chirp tokens) instead of each token")
@@ -142,7 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
           attention_weight=args.attention_weight, position_code=args.position_code, init_lm_from=args.init_lm_from,
           distill_from=args.distill_from, distill_weight=args.distill_weight, modalities=args.modalities,
           position_homotopy=args.position_homotopy, time_weight=args.time_weight,
-          motion_weight=args.motion_weight, balanced_probe=args.balanced_probe,
+          motion_weight=args.motion_weight, appearance_weight=args.appearance_weight,
+          balanced_probe=args.balanced_probe,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

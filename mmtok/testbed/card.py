@@ -83,6 +83,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         + (f", video time read-out (`--time-weight {settings['time_weight']}`)" if settings.get("time_weight") else "")
         + (f", video motion read-out (`--motion-weight {settings['motion_weight']}`)"
            if settings.get("motion_weight") else "")
+        + (f", video appearance read-out (`--appearance-weight {settings['appearance_weight']}`)"
+           if settings.get("appearance_weight") else "")
         + (", class-balanced read-outs (`--balanced-probe`)" if settings.get("balanced_probe") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
@@ -115,7 +117,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
 STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
 # Settings a stage has only when it used them; the card's "sources" column names them.
 SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
-               "motion_weight", "balanced_probe")
+               "motion_weight", "appearance_weight", "balanced_probe")
 
 
 def stage_sources(settings: dict[str, Any]) -> str:
@@ -133,6 +135,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
         parts.append(f"video time read-out (weight {settings['time_weight']})")
     if settings.get("motion_weight"):
         parts.append(f"video motion read-out (weight {settings['motion_weight']})")
+    if settings.get("appearance_weight"):
+        parts.append(f"video appearance read-out (weight {settings['appearance_weight']})")
     if settings.get("balanced_probe"):
         parts.append("class-balanced read-outs")
     return "; ".join(parts) or "-"

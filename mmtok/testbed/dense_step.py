@@ -21,7 +21,14 @@ import torch
 
 from mmtok.testbed.attention_rows import answer_query_positions, query_rows
 from mmtok.testbed.dense import DenseProbe, attention_terms, balanced_mean, relevance_terms
-from mmtok.testbed.dense_video import MOTION_COLUMN, motion_terms, time_terms
+from mmtok.testbed.dense_video import (
+    APPEARANCE_COLUMN,
+    APPEARANCE_WORDS,
+    MOTION_COLUMN,
+    appearance_terms,
+    motion_terms,
+    time_terms,
+)
 from mmtok.testbed.media_grid import grid_inputs, model_kind
 from mmtok.testbed.models import IGNORE, TOKEN_KEYS
 
@@ -48,6 +55,8 @@ class DenseParts:
         time_sum: the time read-out's cross-entropy summed over ``time_count`` video tokens (0 when off).
         motion_sums: ``[2]`` the motion read-out's cross-entropy sums over still and moved object tokens;
             ``motion_counts`` (zeros when off).
+        appearance_sums: ``[K]`` the appearance read-out's cross-entropy sums over the object tokens of each
+            class; ``appearance_counts`` (zeros when off).
         tokens: per medium, ``[n_media, N, hidden]`` the media tokens the language model received.
     """
 
@@ -62,6 +71,8 @@ class DenseParts:
     time_count: int
     motion_sums: torch.Tensor
     motion_counts: torch.Tensor
+    appearance_sums: torch.Tensor
+    appearance_counts: torch.Tensor
     tokens: dict[str, torch.Tensor]
 
 
@@ -100,7 +111,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                 probes: dict[str, DenseProbe], yes_no: Sequence[int], attend: bool,
                 keep: torch.Tensor | None = None,
                 positions: Callable[[dict[str, Any]], None] | None = None,
-                time: Sequence[int] | None = None, motion: Sequence[int] | None = None) -> DenseParts:
+                time: Sequence[int] | None = None, motion: Sequence[int] | None = None,
+                appearance: Sequence[int] | None = None) -> DenseParts:
     """One forward pass of ``batch`` with the dense supervision's read-outs.
 
     Args:
@@ -117,6 +129,9 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
             temporal patch (:func:`~mmtok.testbed.dense_video.time_terms`); None: not.
         motion: the :func:`~mmtok.testbed.dense_video.motion_words` when video object tokens are trained to
             name their step (:func:`~mmtok.testbed.dense_video.motion_terms`); None: not.
+        appearance: the :func:`~mmtok.testbed.dense_video.appearance_words` when video object tokens are
+            trained to name which time their object is visible
+            (:func:`~mmtok.testbed.dense_video.appearance_terms`); None: not.
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
@@ -143,20 +158,27 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     if motion is not None and "video" in grid.rows:
         steps = grid.per_row({"video": labels["video"][..., MOTION_COLUMN]}, fill=-1)
         motion_sums, motion_counts = motion_terms(lens, grid.cells, steps, motion)
+    appearance_sums = answer_sum.new_zeros(len(APPEARANCE_WORDS))
+    appearance_counts = torch.zeros(len(APPEARANCE_WORDS), dtype=torch.long, device=answer_sum.device)
+    if appearance is not None and "video" in grid.rows:
+        runs = grid.per_row({"video": labels["video"][..., APPEARANCE_COLUMN]}, fill=-1)
+        appearance_sums, appearance_counts = appearance_terms(lens, grid.cells, runs, appearance)
     return DenseParts(answer_sum, answer_count, probe, relevance_sums, relevance_counts, attention_sum,
-                      attention_count, time_sum, time_count, motion_sums, motion_counts, grid.tokens)
+                      attention_count, time_sum, time_count, motion_sums, motion_counts, appearance_sums,
+                      appearance_counts, grid.tokens)
 
 
-def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: float = 0.0, motion_weight: float = 0.0
-         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: float = 0.0, motion_weight: float = 0.0,
+         appearance_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """``(answer loss, dense loss, terms)`` of the whole batch from its sub-batches' :class:`DenseParts`.
 
     The answer loss is the mean over all answer tokens (as the stock models' ``loss``); the dense loss is the
     probes' losses plus the class-balanced relevance loss over all media tokens plus ``attention_weight``
     times the attention loss's mean over all rows with key tokens plus ``time_weight`` times the time
     read-out's mean over all video tokens plus ``motion_weight`` times the motion read-out's class-balanced
-    mean over all object tokens (still and moved weigh alike). ``terms`` holds the unweighted dense terms,
-    for the log.
+    mean over all object tokens (still and moved weigh alike) plus ``appearance_weight`` times the appearance
+    read-out's class-balanced mean over all object tokens. ``terms`` holds the unweighted dense terms, for the
+    log.
     """
     answer = sum(p.answer_sum for p in parts) / max(1, sum(p.answer_count for p in parts))
     probe = sum(p.probe for p in parts)
@@ -176,4 +198,9 @@ def pool(parts: Sequence[DenseParts], attention_weight: float, time_weight: floa
         steps = balanced_mean(sum(p.motion_sums for p in parts), counts)
         dense = dense + motion_weight * steps
         terms["motion"] = float(steps.detach())
+    shown = sum(p.appearance_counts for p in parts)
+    if appearance_weight and bool((shown > 0).any()):
+        runs = balanced_mean(sum(p.appearance_sums for p in parts), shown)
+        dense = dense + appearance_weight * runs
+        terms["appearance"] = float(runs.detach())
     return answer, dense, terms

@@ -21,14 +21,19 @@ from typing import Any
 import torch
 
 from mmtok.testbed.data.items import QAItem
-from mmtok.testbed.data.videos import CELL, DIRECTIONS, PATCHES, TEMPORAL, VIDEO_SIZE
+from mmtok.testbed.data.videos import CELL, DIRECTIONS, FLASH_COUNTS, PATCHES, TEMPORAL, VIDEO_SIZE
 from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES, class_word_ids
 
 # The words of the motion read-out (:func:`motion_terms`): class 0 "no" (the object does not move within its
 # temporal patch), then the four directions of :data:`~mmtok.testbed.data.videos.DIRECTIONS`.
 MOTION_WORDS = ("no", *DIRECTIONS)
-# Columns of :func:`video_batch_labels`: the probe heads' three, then motion, then the key and order flags.
+# The words of the appearance read-out (:func:`appearance_terms`): class ``i`` says the token's object is
+# visible for the ``i + 1``-th time, the flash counts' answer words.
+APPEARANCE_WORDS = FLASH_COUNTS
+# Columns of :func:`video_batch_labels`: the probe heads' three, then motion and appearance, then the key and
+# order flags.
 MOTION_COLUMN = 3
+APPEARANCE_COLUMN = 4
 
 
 def _cell_objects(scene: dict[str, Any]) -> torch.Tensor:
@@ -107,6 +112,30 @@ def video_cell_motion(scene: dict[str, Any], objects: torch.Tensor | None = None
     return out.reshape(-1)
 
 
+def video_cell_appearance(scene: dict[str, Any], objects: torch.Tensor | None = None) -> torch.Tensor:
+    """``[P * G * G]`` long: for each object token, which time its object is visible (0: first), -1: none.
+
+    An object's appearances are its runs of consecutive temporal patches in view (as the checker counts a
+    flashing object's flashes): a still object is on its first throughout, a flash's object on its ``k``-th
+    during its ``k``-th flash. The class indexes :data:`APPEARANCE_WORDS`; -1 for cells without an object and
+    for appearances past the last word. ``objects``: the scene's ``_cell_objects`` when already computed.
+    """
+    objects = _cell_objects(scene) if objects is None else objects
+    patches = objects.shape[0]
+    out = torch.full_like(objects, -1)
+    runs: dict[int, int] = {}
+    before: set[int] = set()
+    for p in range(patches):
+        now = {obj["id"] for obj in scene["frames"][p * TEMPORAL]}
+        for i in now - before:
+            runs[i] = runs.get(i, 0) + 1
+        for i in now:
+            if runs[i] <= len(APPEARANCE_WORDS):
+                out[p][objects[p] == i] = runs[i] - 1
+        before = now
+    return out.reshape(-1)
+
+
 def video_key_cells(scene: dict[str, Any], labels: torch.Tensor | None = None,
                     frames: list[int] | None = None) -> torch.Tensor:
     """``[P * G * G]`` long: 1 on the event tokens of the question's key frames, else 0.
@@ -132,16 +161,18 @@ def video_key_cells(scene: dict[str, Any], labels: torch.Tensor | None = None,
 
 
 def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
-    """``[n_videos, P * G * G, 6]`` targets of the video items in ``items`` (other modalities are skipped).
+    """``[n_videos, P * G * G, 7]`` targets of the video items in ``items`` (other modalities are skipped).
 
     Columns: colour, shape, character ("none") as :func:`mmtok.testbed.dense.batch_labels`; the motion class
-    (:func:`video_cell_motion`, column :data:`MOTION_COLUMN`); then, as the image labels end, the key flag and
+    (:func:`video_cell_motion`, column :data:`MOTION_COLUMN`); the appearance class
+    (:func:`video_cell_appearance`, column :data:`APPEARANCE_COLUMN`); then, as the image labels end, the key flag and
     the answer-word order: 1 on the event tokens of ``query["answer_key"]`` that show an object (only object
     ``query["answer_id"]`` where the query names one), so the first answer word attends to the object it
     names, as an image relation answer does ("which object appeared first / last": the answer's own
     appearance among all the key appearances; "which object moved": the mover's tokens, not the cells it
     left empty; "which way did X move": X's tokens on its way, whose motion class is the answer, not another
-    mover's, nor X where it arrived); 0 elsewhere.
+    mover's, nor X where it arrived; "how many times did X flash": X's last flash, whose appearance class is
+    the answer); 0 elsewhere.
 
     Raises:
         ValueError: ``items`` holds no video.
@@ -159,7 +190,8 @@ def video_batch_labels(items: Sequence[QAItem]) -> torch.Tensor:
             if query.get("answer_id") is not None:
                 order = order * (objects.reshape(-1) == query["answer_id"])
         motion = video_cell_motion(it.scene, objects)
-        rows.append(torch.cat([lab, motion[:, None], key[:, None], order[:, None]], 1))
+        appearance = video_cell_appearance(it.scene, objects)
+        rows.append(torch.cat([lab, motion[:, None], appearance[:, None], key[:, None], order[:, None]], 1))
     if not rows:
         raise ValueError("video_batch_labels needs at least one video item")
     return torch.stack(rows)
@@ -249,3 +281,44 @@ def motion_terms(logits: torch.Tensor, cells: torch.Tensor, motion: torch.Tensor
     each = torch.nn.functional.cross_entropy(logits[rows, cols][:, list(words)].float(), target, reduction="none")
     moved = target > 0
     return torch.stack([each[~moved].sum(), each[moved].sum()]), torch.stack([(~moved).sum(), moved.sum()])
+
+
+def appearance_words(tokenizer: Any) -> list[int]:
+    """Token ids of :data:`APPEARANCE_WORDS`, the classes of :func:`appearance_terms`.
+
+    Raises:
+        ValueError: the tokenizer lacks one of them.
+    """
+    return class_word_ids(tokenizer, [APPEARANCE_WORDS])[0]
+
+
+def appearance_terms(logits: torch.Tensor, cells: torch.Tensor, appearance: torch.Tensor, words: Sequence[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy sums and counts of the object tokens naming which time their object is visible, per class.
+
+    "How many times did X flash" asks for the number of X's runs in view, a count over time that one
+    attention read cannot make: attention averages what it reads. As the motion read-out
+    (:func:`motion_terms`) puts a mover's direction into its own tokens, this one puts the ordinal of the
+    current appearance into each object token: the model's next-word logits after the first layer,
+    restricted to ``words`` (the counts' answer words), are trained to name it (:func:`video_cell_appearance`).
+    The answer position then reads the ordinal off X's last flash (the ``answer_key`` / ``answer_id`` order
+    marks) and says it.
+
+    Args:
+        logits: ``[B, L, V]`` next-word logits read out after the first layer.
+        cells: ``[B, L]`` the index of each media position within its media's tokens, -1 elsewhere.
+        appearance: ``[B, N]`` per row, the :func:`video_cell_appearance` class of each of its media tokens; -1
+            where none is defined and on rows without video.
+        words: the :func:`appearance_words`.
+
+    Returns:
+        ``[K]`` float sums of the cross-entropies over the tokens of each class and ``[K]`` long counts, for
+        :func:`~mmtok.testbed.dense.balanced_mean` (most object tokens are still objects, on their first).
+    """
+    rows, cols = (cells >= 0).nonzero(as_tuple=True)
+    target = appearance[rows, cells[rows, cols]]
+    defined = target >= 0
+    rows, cols, target = rows[defined], cols[defined], target[defined]
+    each = torch.nn.functional.cross_entropy(logits[rows, cols][:, list(words)].float(), target, reduction="none")
+    k = len(words)
+    return each.new_zeros(k).index_add(0, target, each), torch.bincount(target, minlength=k)

@@ -30,7 +30,7 @@ from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids
 from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_step import ATTEND_LAYER, dense_parts, pool, split_by_medium
-from mmtok.testbed.dense_video import motion_words, time_words, video_batch_labels
+from mmtok.testbed.dense_video import appearance_words, motion_words, time_words, video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
 from mmtok.testbed.media_grid import MEDIA, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
@@ -140,6 +140,7 @@ def train(
     position_homotopy: float = 0.0,
     time_weight: float = 0.0,
     motion_weight: float = 0.0,
+    appearance_weight: float = 0.0,
     balanced_probe: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -205,6 +206,9 @@ def train(
         motion_weight: weight of the motion read-out (:func:`mmtok.testbed.dense_video.motion_terms`: each
             video object token names which way its object moves within its temporal patch, after the first
             layer) in the dense loss; 0 (default): off.
+        appearance_weight: weight of the appearance read-out
+            (:func:`mmtok.testbed.dense_video.appearance_terms`: each video object token names which time its
+            object is in view, after the first layer) in the dense loss; 0 (default): off.
         balanced_probe: the read-outs of the media tokens take each head's class-balanced mean
             (:class:`mmtok.testbed.dense.DenseProbe`, for rare classes such as an audio clip's chirp
             tokens); False (default): the mean over tokens.
@@ -215,7 +219,7 @@ def train(
 
     Raises:
         ValueError: an unknown name or size, non-positive steps / batch size, modalities the spec lacks, or
-            distillation without image batches, dense tokens or a matching teacher, or a time or motion
+            distillation without image batches, dense tokens or a matching teacher, or a time, motion or appearance
             read-out without video batches and dense tokens.
     """
     spec = get_spec(name)
@@ -239,6 +243,8 @@ def train(
         settings["time_weight"] = float(time_weight)  # absent when off: older runs' settings still resume
     if motion_weight:
         settings["motion_weight"] = float(motion_weight)
+    if appearance_weight:
+        settings["appearance_weight"] = float(appearance_weight)
     if balanced_probe:
         settings["balanced_probe"] = True
     if modalities is not None:
@@ -300,8 +306,8 @@ def train(
             probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads,
                                        balanced=balanced_probe).to(device_of(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
-    clock_words = step_words = None
-    for weight, read_out in ((time_weight, "time"), (motion_weight, "motion")):
+    clock_words = step_words = run_words = None
+    for weight, read_out in ((time_weight, "time"), (motion_weight, "motion"), (appearance_weight, "appearance")):
         if weight and (not probes or "video" not in settings.get("modalities", spec.modalities)):
             raise ValueError(f"the {read_out} read-out trains video tokens on the scenes' grid: use it with "
                              "dense_weight > 0 and video batches")
@@ -309,6 +315,8 @@ def train(
         clock_words = time_words(processor.tokenizer)
     if motion_weight:
         step_words = motion_words(processor.tokenizer)
+    if appearance_weight:
+        run_words = appearance_words(processor.tokenizer)
     teacher = None
     if distill_from is not None:
         if not probes:
@@ -377,8 +385,9 @@ def train(
                     if share < 1 else None)
             blend = partial(_blend_positions, model, step=step, settings=settings)
             parts = [dense_parts(model, sub, labels, probes, yes_no, settings["attention_weight"] > 0, keep, blend,
-                                 clock_words, step_words) for sub in split_by_medium(model, batch)]
-            loss, dense, terms = pool(parts, settings["attention_weight"], time_weight, motion_weight)
+                                 clock_words, step_words, run_words) for sub in split_by_medium(model, batch)]
+            loss, dense, terms = pool(parts, settings["attention_weight"], time_weight, motion_weight,
+                                      appearance_weight)
             total = loss + settings["dense_weight"] * dense
             if teacher is not None:
                 image_tokens = next(p.tokens["image"] for p in parts if "image" in p.tokens)

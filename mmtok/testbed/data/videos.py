@@ -192,6 +192,7 @@ def _flash_count(rng: np.random.Generator) -> Draft:
     names = _names(rng, 1 + n_flash + n_still)
     k = int(rng.integers(1, 5))
     frames = _flashes(rng, k)
+    target = len(v.tracks)  # the named object's track: its "id" in the scene
     v.still(names[0], frames)
     for name in names[1:1 + n_flash]:
         v.still(name, _flashes(rng, int(rng.integers(1, 5))))
@@ -199,7 +200,19 @@ def _flash_count(rng: np.random.Generator) -> Draft:
         v.still(name)
     answer = str(k)
     question = f"how many times did the {names[0]} flash ?"
-    return Draft(v.scene({"key": sorted(frames)}), question, answer, mc_choices(rng, answer, FLASH_COUNTS))
+    # The answer is read off the named object's last flash ("answer_key", "answer_id"), whose tokens are its
+    # k-th appearance (the dense training's appearance read-out names it), not off another flasher's.
+    query = {"key": sorted(frames), "answer_key": _last_run(frames), "answer_id": target}
+    return Draft(v.scene(query), question, answer, mc_choices(rng, answer, FLASH_COUNTS))
+
+
+def _last_run(frames: set[int]) -> list[int]:
+    """The frames of the last run of consecutive temporal patches among ``frames`` (whole patches)."""
+    patches = sorted({f // TEMPORAL for f in frames})
+    start = len(patches) - 1
+    while start > 0 and patches[start - 1] == patches[start] - 1:
+        start -= 1
+    return sorted(_patch_frames(patches[start:]))
 
 
 def _displacement(rng: np.random.Generator, direction: str | None = None) -> tuple[int, int]:
