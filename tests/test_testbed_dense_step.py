@@ -96,3 +96,19 @@ def test_video_read_outs_need_video_batches(tmp_path, read_out) -> None:
     with pytest.raises(ValueError, match=f"{read_out} read-out"):
         train("testbed-qwen2vl", size=GRID, steps=1, batch_size=2, modalities=["image"],
               **{f"{read_out}_weight": 1.0}, work_dir=tmp_path, eval_every=0, log=lambda s: None)
+
+
+def test_a_step_with_every_video_read_out_logs_each_term(tmp_path) -> None:
+    import json
+
+    from mmtok.testbed.train import train
+
+    torch.set_num_threads(1)
+    run = train("testbed-qwen2vl", size=GRID, steps=1, batch_size=2, lr=1e-4, warmup=0, dense_weight=1.0, time_weight=0.5,
+                motion_weight=1.0, appearance_weight=1.0, balanced_probe=True, work_dir=tmp_path, eval_every=0,
+                log=lambda s: None)
+    assert {k: run["settings"][k] for k in ("time_weight", "motion_weight", "appearance_weight", "balanced_probe")} \
+        == {"time_weight": 0.5, "motion_weight": 1.0, "appearance_weight": 1.0, "balanced_probe": True}
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    terms = logged["dense_terms"]
+    assert {"time", "motion", "appearance"} <= set(terms) and terms["appearance"] > 0
