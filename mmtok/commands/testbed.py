@@ -73,6 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--time-weight", type=float, default=0.0,
                    help="weight of the time read-out: each video token names its temporal patch after the first "
                         "layer (mmtok.testbed.dense_video.time_terms; default 0: off)")
+    t.add_argument("--motion-weight", type=float, default=0.0,
+                   help="weight of the motion read-out: each video object token names which way its object moves "
+                        "within its temporal patch, after the first layer (mmtok.testbed.dense_video.motion_terms; "
+                        "default 0: off)")
     t.add_argument("--appearance-weight", type=float, default=0.0,
                    help="weight of the appearance read-out: each video object token names which time its object is "
                         "in view (its k-th flash), after the first layer (mmtok.testbed.dense_video."
@@ -80,10 +84,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--balanced-probe", action="store_true",
                    help="the media tokens' read-outs weigh each class alike (class-balanced mean; for rare "
                         "classes such as chirp tokens) instead of each token")
-    t.add_argument("--motion-weight", type=float, default=0.0,
-                   help="weight of the motion read-out: each video object token names which way its object moves "
-                        "within its temporal patch, after the first layer (mmtok.testbed.dense_video.motion_terms; "
-                        "default 0: off)")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")
