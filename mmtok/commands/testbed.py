@@ -84,6 +84,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--balanced-probe", action="store_true",
                    help="the media tokens' read-outs weigh each class alike (class-balanced mean; for rare "
                         "classes such as chirp tokens) instead of each token")
+    t.add_argument("--family-mix", metavar="FAMILY=W,...",
+                   help="more items of some families: each listed family takes W turns of its modality's turn "
+                        "order (e.g. direction=3,flash_count=2; mmtok.testbed.family_mix; default: one each)")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -134,6 +137,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Train (and export) one testbed model."""
     from mmtok.testbed.allocator import keep_freed_memory
+    from mmtok.testbed.family_mix import parse_mix
     from mmtok.testbed.train import default_out, train
 
     if not args.default_malloc and keep_freed_memory():
@@ -147,7 +151,7 @@ def run_train(args: argparse.Namespace) -> int:
           distill_from=args.distill_from, distill_weight=args.distill_weight, modalities=args.modalities,
           position_homotopy=args.position_homotopy, time_weight=args.time_weight,
           motion_weight=args.motion_weight, appearance_weight=args.appearance_weight,
-          balanced_probe=args.balanced_probe,
+          balanced_probe=args.balanced_probe, family_mix=parse_mix(args.family_mix) if args.family_mix else None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

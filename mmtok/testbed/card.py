@@ -86,6 +86,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         + (f", video appearance read-out (`--appearance-weight {settings['appearance_weight']}`)"
            if settings.get("appearance_weight") else "")
         + (", class-balanced read-outs (`--balanced-probe`)" if settings.get("balanced_probe") else "")
+        + (f", family mix (`--family-mix {mix_text(settings['family_mix'])}`)" if settings.get("family_mix") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
            f"(stopped for time; `mmtok testbed train ... --resume` continues it, `mmtok testbed export` "
@@ -117,7 +118,12 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
 STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
 # Settings a stage has only when it used them; the card's "sources" column names them.
 SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
-               "motion_weight", "appearance_weight", "balanced_probe")
+               "motion_weight", "appearance_weight", "balanced_probe", "family_mix")
+
+
+def mix_text(mix: dict[str, int]) -> str:
+    """A family mix as the ``--family-mix`` flag spells it (``direction=3,flash_count=2``)."""
+    return ",".join(f"{name}={weight}" for name, weight in mix.items())
 
 
 def stage_sources(settings: dict[str, Any]) -> str:
@@ -139,6 +145,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
         parts.append(f"video appearance read-out (weight {settings['appearance_weight']})")
     if settings.get("balanced_probe"):
         parts.append("class-balanced read-outs")
+    if settings.get("family_mix"):
+        parts.append(f"family mix {mix_text(settings['family_mix'])}")
     return "; ".join(parts) or "-"
 
 

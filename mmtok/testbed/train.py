@@ -25,13 +25,14 @@ import torch
 
 from mmtok.testbed.card import describe_hardware, export, stage
 from mmtok.testbed.curriculum import background_share, keep_mask
-from mmtok.testbed.data import dataset
+from mmtok.testbed.data import dataset, families
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids
 from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_step import ATTEND_LAYER, dense_parts, pool, split_by_medium
 from mmtok.testbed.dense_video import appearance_words, motion_words, time_words, video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
+from mmtok.testbed.family_mix import check_mix, items_after, mixed_items
 from mmtok.testbed.media_grid import MEDIA, model_kind, on_layout_grid, tokens_per_side
 from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
@@ -69,9 +70,10 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int,
                  dense: bool = False, item_offset: int = 0, modalities: Sequence[str] | None = None,
-                 teacher_pixels: Callable[[list[Any]], torch.Tensor] | None = None) -> None:
+                 teacher_pixels: Callable[[list[Any]], torch.Tensor] | None = None,
+                 family_mix: dict[str, int] | None = None) -> None:
         self.processor, self.seed, self.start, self.stop, self.dense = processor, seed, start, stop, dense
-        self.item_offset, self.teacher_pixels = item_offset, teacher_pixels
+        self.item_offset, self.teacher_pixels, self.mix = item_offset, teacher_pixels, family_mix or {}
         self.modalities = list(modalities or spec.modalities)
         self.per = max(1, batch_size // len(self.modalities))
 
@@ -80,9 +82,12 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         step = self.start + i
-        items = [it for m in self.modalities
-                 for it in dataset(m, "train", self.per, self.seed, form=FORM,
-                                   start=self.item_offset + step * self.per)]
+        items = []
+        for m in self.modalities:
+            if any(f in self.mix for f in families(m)):
+                items += mixed_items(m, self.mix, self.seed, self.item_offset, step * self.per, self.per, FORM)
+            else:
+                items += dataset(m, "train", self.per, self.seed, form=FORM, start=self.item_offset + step * self.per)
         batch = encode_items(self.processor, items)
         if self.dense:
             present = {it.modality for it in items}
@@ -142,6 +147,7 @@ def train(
     motion_weight: float = 0.0,
     appearance_weight: float = 0.0,
     balanced_probe: bool = False,
+    family_mix: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -212,6 +218,9 @@ def train(
         balanced_probe: the read-outs of the media tokens take each head's class-balanced mean
             (:class:`mmtok.testbed.dense.DenseProbe`, for rare classes such as an audio clip's chirp
             tokens); False (default): the mean over tokens.
+        family_mix: family weights in the turn order of the training items (:mod:`mmtok.testbed.family_mix`,
+            e.g. ``{"direction": 3}``: three direction items per turn of the video families); None: each
+            family once.
         log: where progress lines go.
 
     Returns:
@@ -252,6 +261,8 @@ def train(
         if unknown or not modalities:
             raise ValueError(f"{name} trains on {list(spec.modalities)} (or a subset), not {list(modalities)}")
         settings["modalities"] = [m for m in spec.modalities if m in modalities]
+    if family_mix:
+        settings["family_mix"] = check_mix(family_mix, settings.get("modalities", spec.modalities))
     if distill_from is not None:
         if "image" not in settings.get("modalities", spec.modalities):
             raise ValueError("distillation regresses image tokens: train on images (modalities with 'image')")
@@ -260,8 +271,9 @@ def train(
     if init_from is not None:
         warm, source = load_warm_start(init_from)
         before = warm["settings"].get("init_from") or {"items": 0}
+        warm_media = warm["settings"].get("modalities") or spec.modalities
         settings["init_from"] = {"path": str(source), "step": warm["step"],
-                                 "items": before["items"] + warm["step"] * warm["settings"]["batch_size"],
+                                 "items": items_after(warm["settings"], warm["step"], warm_media),
                                  "lineage": [*before.get("lineage", []), stage(warm)]}
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
@@ -371,7 +383,8 @@ def train(
                     dense=bool(probes),
                     item_offset=settings.get("init_from", {"items": 0})["items"],
                     modalities=settings.get("modalities"),
-                    teacher_pixels=teacher.pixels if teacher is not None else None),
+                    teacher_pixels=teacher.pixels if teacher is not None else None,
+                    family_mix=settings.get("family_mix")),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     history["hardware"] = describe_hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
