@@ -221,8 +221,7 @@ class DenseProbe(torch.nn.Module):
             keep = target != IGNORE
             losses = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1])[keep], target[keep],
                                                        reduction="none")
-            sums = losses.new_zeros(self.sizes[k]).index_add(0, target[keep], losses)
-            total = total + balanced_mean(sums, torch.bincount(target[keep], minlength=self.sizes[k]))
+            total = total + balanced_mean(*class_sums(losses, target[keep], self.sizes[k]))
         return total
 
 
@@ -263,6 +262,11 @@ def relevance_terms(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch
     each = torch.nn.functional.cross_entropy(two, target, reduction="none")
     return (torch.stack([each[target == v].sum() for v in (0, 1)]),
             torch.stack([(target == v).sum() for v in (0, 1)]))
+
+
+def class_sums(losses: torch.Tensor, target: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n_classes]`` sums of ``losses`` ``[N]`` per ``target`` class ``[N]`` and their counts, for :func:`balanced_mean`."""
+    return losses.new_zeros(n_classes).index_add(0, target, losses), torch.bincount(target, minlength=n_classes)
 
 
 def balanced_mean(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from mmtok.testbed.data.items import QAItem
 from mmtok.testbed.data.videos import CELL, DIRECTIONS, FLASH_COUNTS, PATCHES, TEMPORAL, VIDEO_SIZE
-from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES, class_word_ids
+from mmtok.testbed.dense import COLOUR_CLASSES, SHAPE_CLASSES, class_sums, class_word_ids
 
 # The words of the motion read-out (:func:`motion_terms`): class 0 "no" (the object does not move within its
 # temporal patch), then the four directions of :data:`~mmtok.testbed.data.videos.DIRECTIONS`.
@@ -240,6 +240,27 @@ def time_terms(logits: torch.Tensor, cells: torch.Tensor, rows: torch.Tensor, wo
     return torch.nn.functional.cross_entropy(chosen, patch, reduction="sum"), int(where.sum())
 
 
+def _token_losses(logits: torch.Tensor, cells: torch.Tensor, classes: torch.Tensor, words: Sequence[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropies over ``words`` of the media tokens that have a class, for the per-token read-outs.
+
+    Args:
+        logits: ``[B, L, V]`` next-word logits.
+        cells: ``[B, L]`` the index of each media position within its media's tokens, -1 elsewhere.
+        classes: ``[B, N]`` per row, each media token's class; -1 where none is defined.
+        words: the class words.
+
+    Returns:
+        ``[M]`` losses and ``[M]`` classes of the M tokens with a class.
+    """
+    rows, cols = (cells >= 0).nonzero(as_tuple=True)
+    target = classes[rows, cells[rows, cols]]
+    defined = target >= 0
+    rows, cols, target = rows[defined], cols[defined], target[defined]
+    each = torch.nn.functional.cross_entropy(logits[rows, cols][:, list(words)].float(), target, reduction="none")
+    return each, target
+
+
 def motion_words(tokenizer: Any) -> list[int]:
     """Token ids of :data:`MOTION_WORDS`, the classes of :func:`motion_terms`.
 
@@ -274,11 +295,7 @@ def motion_terms(logits: torch.Tensor, cells: torch.Tensor, motion: torch.Tensor
         ``[2]`` long counts, for :func:`~mmtok.testbed.dense.balanced_mean` (a video has ~40 object tokens, of
         which 1-4 moved).
     """
-    rows, cols = (cells >= 0).nonzero(as_tuple=True)
-    target = motion[rows, cells[rows, cols]]
-    defined = target >= 0
-    rows, cols, target = rows[defined], cols[defined], target[defined]
-    each = torch.nn.functional.cross_entropy(logits[rows, cols][:, list(words)].float(), target, reduction="none")
+    each, target = _token_losses(logits, cells, motion, words)
     moved = target > 0
     return torch.stack([each[~moved].sum(), each[moved].sum()]), torch.stack([(~moved).sum(), moved.sum()])
 
@@ -315,10 +332,4 @@ def appearance_terms(logits: torch.Tensor, cells: torch.Tensor, appearance: torc
         ``[K]`` float sums of the cross-entropies over the tokens of each class and ``[K]`` long counts, for
         :func:`~mmtok.testbed.dense.balanced_mean` (most object tokens are still objects, on their first).
     """
-    rows, cols = (cells >= 0).nonzero(as_tuple=True)
-    target = appearance[rows, cells[rows, cols]]
-    defined = target >= 0
-    rows, cols, target = rows[defined], cols[defined], target[defined]
-    each = torch.nn.functional.cross_entropy(logits[rows, cols][:, list(words)].float(), target, reduction="none")
-    k = len(words)
-    return each.new_zeros(k).index_add(0, target, each), torch.bincount(target, minlength=k)
+    return class_sums(*_token_losses(logits, cells, appearance, words), len(words))
