@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -15,6 +16,7 @@ from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_lab
 from mmtok.testbed.dense_step import dense_parts, pool, split_by_medium  # noqa: E402
 from mmtok.testbed.dense_video import (  # noqa: E402
     APPEARANCE_COLUMN,
+    appearance_terms,
     appearance_words,
     motion_words,
     time_words,
@@ -25,6 +27,7 @@ from mmtok.testbed.models import Size, encode_items, get_spec  # noqa: E402
 # The shipped Qwen2-VL token grids (16 x 16 per image, 8 x 12 x 12 per video) with small widths.
 GRID = Size(image_size=448, video_size=336, patch_size=14, merge_size=2, vision_hidden=32, vision_layers=1,
             vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, mlp_ratio=2)
+DEEPER = dataclasses.replace(GRID, text_layers=3)  # a layer between the read-outs and the last one
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,45 @@ def test_pooled_parts_equal_the_whole_batch(mixed) -> None:
     assert torch.allclose(dense, want_dense, atol=1e-5)
     assert whole.attention_count == sum(p.attention_count for p in parts) > 0
     assert torch.equal(whole.relevance_counts, sum(p.relevance_counts for p in parts))
+
+
+def test_the_appearance_read_out_reads_the_chosen_layer(mixed) -> None:
+    from mmtok.testbed.media_grid import grid_inputs
+
+    _, batch, labels, probes, yes_no, clock, steps, runs = mixed
+    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
+    model = model.eval()
+    video = split_by_medium(model, batch)[1]
+    probes = {"video": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, VISUAL_HEADS),
+                                  VISUAL_HEADS)}
+    with torch.no_grad():
+        first = dense_parts(model, video, labels, probes, yes_no, attend=False, appearance=runs)
+        second = dense_parts(model, video, labels, probes, yes_no, attend=False, appearance=runs, appearance_layer=2)
+        grid = grid_inputs(model, video, None)
+        grid.inputs.pop("labels")
+        with grid.capturing():
+            states = model(**grid.inputs, output_hidden_states=True).hidden_states
+        classes = grid.per_row({"video": labels["video"][..., APPEARANCE_COLUMN]}, fill=-1)
+        for layer, parts in ((1, first), (2, second)):
+            lens = model.lm_head(model.model.language_model.norm(states[layer]))
+            sums, counts = appearance_terms(lens, grid.cells, classes, runs)
+            assert torch.allclose(parts.appearance_sums, sums, atol=1e-4)
+            assert torch.equal(parts.appearance_counts, counts)
+    assert torch.equal(first.appearance_counts, second.appearance_counts)  # the same tokens, read at another layer
+    assert not torch.allclose(first.appearance_sums, second.appearance_sums)
+    assert torch.allclose(first.time_sum, second.time_sum) and torch.allclose(first.probe, second.probe)
+
+
+@pytest.mark.parametrize("layer, weight, match", [(3, 1.0, "appearance_layer must be 1 to 2"),
+                                                  (0, 1.0, "appearance_layer must be 1 to 2"),
+                                                  (2, 0.0, "use it with appearance_weight")])
+def test_the_appearance_layer_must_be_readable(tmp_path, layer, weight, match) -> None:
+    from mmtok.testbed.train import train
+
+    with pytest.raises(ValueError, match=match):
+        train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, dense_weight=1.0, appearance_weight=weight,
+              appearance_layer=layer,
+              work_dir=tmp_path, eval_every=0, log=lambda s: None)
 
 
 @pytest.mark.parametrize("read_out", ["time", "motion", "appearance"])

@@ -122,3 +122,7 @@ def test_stage_table_names_what_each_stage_took_from_elsewhere():
     assert rows[-1].endswith("| image tokens distilled from `assets/testbed-llava` (weight 1.0); image only; positions 1-D -> M-RoPE over 60% of the steps; video time read-out (weight 0.5); "
                             "video motion read-out (weight 0.25); video appearance read-out (weight 0.5); "
                             "class-balanced read-outs |")
+    from mmtok.testbed.card import stage_sources
+
+    later = stage_sources({**base, "appearance_weight": 1.0, "appearance_layer": 2})
+    assert later == "video appearance read-out (weight 1.0, after layer 2)"

@@ -81,6 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight of the appearance read-out: each video object token names which time its object is "
                         "in view (its k-th flash), after the first layer (mmtok.testbed.dense_video."
                         "appearance_terms; default 0: off)")
+    t.add_argument("--appearance-layer", type=int, default=1,
+                   help="after which language-model layer the appearance read-out reads (default 1: with the other "
+                        "read-outs; 2: the first layer finds where each appearance starts, the second counts them)")
     t.add_argument("--balanced-probe", action="store_true",
                    help="the media tokens' read-outs weigh each class alike (class-balanced mean; for rare "
                         "classes such as chirp tokens) instead of each token")
@@ -151,6 +154,7 @@ def run_train(args: argparse.Namespace) -> int:
           distill_from=args.distill_from, distill_weight=args.distill_weight, modalities=args.modalities,
           position_homotopy=args.position_homotopy, time_weight=args.time_weight,
           motion_weight=args.motion_weight, appearance_weight=args.appearance_weight,
+          appearance_layer=args.appearance_layer,
           balanced_probe=args.balanced_probe, family_mix=parse_mix(args.family_mix) if args.family_mix else None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0

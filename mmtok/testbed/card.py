@@ -83,7 +83,9 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         + (f", video time read-out (`--time-weight {settings['time_weight']}`)" if settings.get("time_weight") else "")
         + (f", video motion read-out (`--motion-weight {settings['motion_weight']}`)"
            if settings.get("motion_weight") else "")
-        + (f", video appearance read-out (`--appearance-weight {settings['appearance_weight']}`)"
+        + (f", video appearance read-out (`--appearance-weight {settings['appearance_weight']}`"
+           + (f" `--appearance-layer {settings['appearance_layer']}`" if settings.get("appearance_layer") else "")
+           + ")"
            if settings.get("appearance_weight") else "")
         + (", class-balanced read-outs (`--balanced-probe`)" if settings.get("balanced_probe") else "")
         + (f", family mix (`--family-mix {mix_text(settings['family_mix'])}`)" if settings.get("family_mix") else "")
@@ -118,7 +120,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
 STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
 # Settings a stage has only when it used them; the card's "sources" column names them.
 SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
-               "motion_weight", "appearance_weight", "balanced_probe", "family_mix")
+               "motion_weight", "appearance_weight", "appearance_layer", "balanced_probe", "family_mix")
 
 
 def mix_text(mix: dict[str, int]) -> str:
@@ -142,7 +144,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
     if settings.get("motion_weight"):
         parts.append(f"video motion read-out (weight {settings['motion_weight']})")
     if settings.get("appearance_weight"):
-        parts.append(f"video appearance read-out (weight {settings['appearance_weight']})")
+        parts.append(f"video appearance read-out (weight {settings['appearance_weight']}"
+                     f"{', after layer ' + str(settings['appearance_layer']) if settings.get('appearance_layer') else ''})")
     if settings.get("balanced_probe"):
         parts.append("class-balanced read-outs")
     if settings.get("family_mix"):

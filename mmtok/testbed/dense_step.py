@@ -112,7 +112,7 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                 keep: torch.Tensor | None = None,
                 positions: Callable[[dict[str, Any]], None] | None = None,
                 time: Sequence[int] | None = None, motion: Sequence[int] | None = None,
-                appearance: Sequence[int] | None = None) -> DenseParts:
+                appearance: Sequence[int] | None = None, appearance_layer: int = RELEVANCE_LAYER) -> DenseParts:
     """One forward pass of ``batch`` with the dense supervision's read-outs.
 
     Args:
@@ -132,6 +132,9 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
         appearance: the :func:`~mmtok.testbed.dense_video.appearance_words` when video object tokens are
             trained to name which time their object is visible
             (:func:`~mmtok.testbed.dense_video.appearance_terms`); None: not.
+        appearance_layer: after which layer the appearance read-out reads the object tokens (1: with the
+            other read-outs; 2: one layer later, so that the first layer can mark where each appearance
+            starts and the second count the starts; the answer then reads the count in the third).
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
@@ -162,7 +165,9 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     appearance_counts = torch.zeros(len(APPEARANCE_WORDS), dtype=torch.long, device=answer_sum.device)
     if appearance is not None and "video" in grid.rows:
         runs = grid.per_row({"video": labels["video"][..., APPEARANCE_COLUMN]}, fill=-1)
-        appearance_sums, appearance_counts = appearance_terms(lens, grid.cells, runs, appearance)
+        read = (lens if appearance_layer == RELEVANCE_LAYER else
+                model.lm_head(model.model.language_model.norm(outputs.hidden_states[appearance_layer])))
+        appearance_sums, appearance_counts = appearance_terms(read, grid.cells, runs, appearance)
     return DenseParts(answer_sum, answer_count, probe, relevance_sums, relevance_counts, attention_sum,
                       attention_count, time_sum, time_count, motion_sums, motion_counts, appearance_sums,
                       appearance_counts, grid.tokens)

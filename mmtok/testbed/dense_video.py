@@ -322,7 +322,7 @@ def appearance_terms(logits: torch.Tensor, cells: torch.Tensor, appearance: torc
     marks) and says it.
 
     Args:
-        logits: ``[B, L, V]`` next-word logits read out after the first layer.
+        logits: ``[B, L, V]`` next-word logits read out after the first layer (or the chosen later one).
         cells: ``[B, L]`` the index of each media position within its media's tokens, -1 elsewhere.
         appearance: ``[B, N]`` per row, the :func:`video_cell_appearance` class of each of its media tokens; -1
             where none is defined and on rows without video.

@@ -146,6 +146,7 @@ def train(
     time_weight: float = 0.0,
     motion_weight: float = 0.0,
     appearance_weight: float = 0.0,
+    appearance_layer: int = 1,
     balanced_probe: bool = False,
     family_mix: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
@@ -215,6 +216,9 @@ def train(
         appearance_weight: weight of the appearance read-out
             (:func:`mmtok.testbed.dense_video.appearance_terms`: each video object token names which time its
             object is in view, after the first layer) in the dense loss; 0 (default): off.
+        appearance_layer: after which language-model layer the appearance read-out reads (1, default: with
+            the other read-outs; 2: one layer later, leaving the first layer to find where each appearance
+            starts and the second to count the starts); at most the last layer but one.
         balanced_probe: the read-outs of the media tokens take each head's class-balanced mean
             (:class:`mmtok.testbed.dense.DenseProbe`, for rare classes such as an audio clip's chirp
             tokens); False (default): the mean over tokens.
@@ -229,7 +233,7 @@ def train(
     Raises:
         ValueError: an unknown name or size, non-positive steps / batch size, modalities the spec lacks, or
             distillation without image batches, dense tokens or a matching teacher, or a time, motion or appearance
-            read-out without video batches and dense tokens.
+            read-out without video batches and dense tokens, or an appearance layer the answer cannot read.
     """
     spec = get_spec(name)
     d = spec.train_defaults
@@ -254,6 +258,8 @@ def train(
         settings["motion_weight"] = float(motion_weight)
     if appearance_weight:
         settings["appearance_weight"] = float(appearance_weight)
+        if appearance_layer != 1:  # absent at the first layer: earlier runs' settings still resume
+            settings["appearance_layer"] = int(appearance_layer)
     if balanced_probe:
         settings["balanced_probe"] = True
     if modalities is not None:
@@ -327,8 +333,14 @@ def train(
         clock_words = time_words(processor.tokenizer)
     if motion_weight:
         step_words = motion_words(processor.tokenizer)
+    if appearance_layer != 1 and not appearance_weight:
+        raise ValueError("appearance_layer places the appearance read-out: use it with appearance_weight > 0")
     if appearance_weight:
         run_words = appearance_words(processor.tokenizer)
+        layers = model.config.text_config.num_hidden_layers
+        if not 1 <= appearance_layer < layers:
+            raise ValueError(f"appearance_layer must be 1 to {layers - 1} (a later layer must read it), "
+                             f"got {appearance_layer}")
     teacher = None
     if distill_from is not None:
         if not probes:
@@ -398,7 +410,8 @@ def train(
                     if share < 1 else None)
             blend = partial(_blend_positions, model, step=step, settings=settings)
             parts = [dense_parts(model, sub, labels, probes, yes_no, settings["attention_weight"] > 0, keep, blend,
-                                 clock_words, step_words, run_words) for sub in split_by_medium(model, batch)]
+                                 clock_words, step_words, run_words, appearance_layer)
+                     for sub in split_by_medium(model, batch)]
             loss, dense, terms = pool(parts, settings["attention_weight"], time_weight, motion_weight,
                                       appearance_weight)
             total = loss + settings["dense_weight"] * dense
