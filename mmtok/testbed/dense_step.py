@@ -107,6 +107,11 @@ def split_by_medium(model: Any, batch: dict[str, torch.Tensor]) -> list[dict[str
     return out
 
 
+def layer_logits(model: Any, hidden_states: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
+    """``[B, L, V]`` next-word logits of the states after ``layer`` (the final norm, then the tied head)."""
+    return model.lm_head(model.model.language_model.norm(hidden_states[layer]))
+
+
 def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
                 probes: dict[str, DenseProbe], yes_no: Sequence[int], attend: bool,
                 keep: torch.Tensor | None = None,
@@ -148,7 +153,7 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     answer_sum = torch.nn.functional.cross_entropy(
         outputs.logits[:, :-1].float().reshape(-1, outputs.logits.shape[-1]), targets.reshape(-1),
         ignore_index=IGNORE, reduction="sum")
-    lens = model.lm_head(model.model.language_model.norm(outputs.hidden_states[RELEVANCE_LAYER]))
+    lens = layer_logits(model, outputs.hidden_states, RELEVANCE_LAYER)
     # Targets: the probe heads' columns first, then the key flag and the answer-word order.
     probe = sum(probes[m](grid.tokens[m], labels[m]) for m in grid.tokens)
     flags = grid.per_row({m: labels[m][..., -2:] for m in grid.tokens})
@@ -165,8 +170,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     appearance_counts = torch.zeros(len(APPEARANCE_WORDS), dtype=torch.long, device=answer_sum.device)
     if appearance is not None and "video" in grid.rows:
         runs = grid.per_row({"video": labels["video"][..., APPEARANCE_COLUMN]}, fill=-1)
-        read = (lens if appearance_layer == RELEVANCE_LAYER else
-                model.lm_head(model.model.language_model.norm(outputs.hidden_states[appearance_layer])))
+        read = lens if appearance_layer == RELEVANCE_LAYER else layer_logits(model, outputs.hidden_states,
+                                                                             appearance_layer)
         appearance_sums, appearance_counts = appearance_terms(read, grid.cells, runs, appearance)
     return DenseParts(answer_sum, answer_count, probe, relevance_sums, relevance_counts, attention_sum,
                       attention_count, time_sum, time_count, motion_sums, motion_counts, appearance_sums,

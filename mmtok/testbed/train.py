@@ -256,6 +256,8 @@ def train(
         settings["time_weight"] = float(time_weight)  # absent when off: older runs' settings still resume
     if motion_weight:
         settings["motion_weight"] = float(motion_weight)
+    if appearance_layer != 1 and not appearance_weight:
+        raise ValueError("appearance_layer places the appearance read-out: use it with appearance_weight > 0")
     if appearance_weight:
         settings["appearance_weight"] = float(appearance_weight)
         if appearance_layer != 1:  # absent at the first layer: earlier runs' settings still resume
@@ -333,8 +335,6 @@ def train(
         clock_words = time_words(processor.tokenizer)
     if motion_weight:
         step_words = motion_words(processor.tokenizer)
-    if appearance_layer != 1 and not appearance_weight:
-        raise ValueError("appearance_layer places the appearance read-out: use it with appearance_weight > 0")
     if appearance_weight:
         run_words = appearance_words(processor.tokenizer)
         layers = model.config.text_config.num_hidden_layers
