@@ -17,6 +17,7 @@ from mmtok.testbed.dense import (  # noqa: E402
     HORIZONTAL_CLASSES,
     IGNORE,
     IMAGE_HEADS,
+    IMAGE_RAMPS,
     SHAPE_CLASSES,
     TEMPERATURE,
     VERTICAL_CLASSES,
@@ -28,6 +29,8 @@ from mmtok.testbed.dense import (  # noqa: E402
     class_word_ids,
     half_labels,
     key_cells,
+    position_ramp,
+    ramp_loss,
     relevance_loss,
 )
 from mmtok.testbed.models import Size, get_spec  # noqa: E402
@@ -221,6 +224,69 @@ def test_balanced_read_out_weighs_each_class_alike() -> None:
     assert torch.allclose(balanced(tokens, labels), (right + wrong) / 2)  # the mean of class 0's and class 2's
     ignored = torch.tensor([[0, IGNORE, IGNORE, 2]])[..., None]
     assert torch.allclose(balanced(tokens, ignored), (right + wrong) / 2)
+
+
+def test_training_with_the_position_ramp_records_it_and_needs_the_probe(tmp_path) -> None:
+    import json
+
+    torch.set_num_threads(1)
+    hard = _run(tmp_path / "hard", steps=1)
+    ramp = _run(tmp_path / "ramp", steps=1, position_ramp=True)
+    assert ramp["settings"]["position_ramp"] is True and "position_ramp" not in hard["settings"]
+    probe = [json.loads((tmp_path / d / "log.jsonl").read_text())["dense_terms"]["probe"] for d in ("hard", "ramp")]
+    assert probe[0] != probe[1]  # same weights and batch: only the half heads' targets differ
+    with pytest.raises(ValueError, match="position ramp"):
+        _run(tmp_path / "none", steps=1, dense_weight=0.0, position_ramp=True)
+    with pytest.raises(ValueError, match="made with"):  # a resume must keep the targets it started with
+        _run(tmp_path / "hard", steps=1, resume=True, position_ramp=True)
+
+
+def test_position_ramp_known_answer_agrees_with_the_halves() -> None:
+    assert position_ramp(4, 1).reshape(4, 4)[2].tolist() == [0.125, 0.375, 0.625, 0.875]
+    assert position_ramp(4, 0).reshape(4, 4)[:, 1].tolist() == [0.125, 0.375, 0.625, 0.875]
+    halves = half_labels(16)
+    for k, axis in IMAGE_RAMPS.items():  # the half is the ramp's argmax: the position questions keep their words
+        assert IMAGE_HEADS[k] == (VERTICAL_CLASSES, HORIZONTAL_CLASSES)[axis]
+        assert ((position_ramp(16, axis) > 0.5).long() == halves[:, axis]).all()
+    for g, axis in ((4, 2), (0, 0)):
+        with pytest.raises(ValueError, match="axis 0"):
+            position_ramp(g, axis)
+
+
+def test_ramp_loss_is_the_kl_from_each_cells_place() -> None:
+    q = position_ramp(2, 1)  # columns: 0.25, 0.75, 0.25, 0.75
+    optimum = torch.stack([torch.zeros(4), torch.log(q / (1 - q))], -1)[None]
+    keep = torch.ones(1, 4, dtype=torch.bool)
+    assert ramp_loss(optimum, keep, 1).item() == pytest.approx(0.0, abs=1e-6)
+    # Scores (0, 0) on the right column: KL of (0.25, 0.75) from (0.5, 0.5) = 0.25 ln 0.5 + 0.75 ln 1.5.
+    flat = optimum.clone()
+    flat[0, 1] = 0.0
+    by_hand = 0.25 * torch.log(torch.tensor(0.5)) + 0.75 * torch.log(torch.tensor(1.5))
+    assert ramp_loss(flat, keep, 1).item() == pytest.approx(by_hand.item() / 4, rel=1e-5)
+    keep[0, 0] = False  # only kept tokens count
+    assert ramp_loss(flat, keep, 1).item() == pytest.approx(by_hand.item() / 3, rel=1e-5)
+    # The rows' ramp differs: the same scores are off on every token.
+    assert ramp_loss(optimum, torch.ones(1, 4, dtype=torch.bool), 0).item() > 0.1
+    with pytest.raises(ValueError, match="square grid"):
+        ramp_loss(torch.zeros(1, 3, 2), torch.ones(1, 3, dtype=torch.bool), 1)
+
+
+def test_probe_with_ramps_trains_those_heads_on_the_ramp_and_the_rest_as_before() -> None:
+    words = torch.nn.Embedding(5, 5)
+    with torch.no_grad():
+        words.weight.copy_(torch.eye(5))
+    heads = [("a", "b", "c"), ("left", "right")]
+    tokens = torch.randn(2, 16, 5)
+    labels = torch.stack([torch.randint(0, 3, (2, 16)), half_labels(4)[None, :, 1].expand(2, 16)], -1)
+    labels[1, 5, 1] = IGNORE
+    plain = DenseProbe(words, [[0, 1, 2], [3, 4]], heads)
+    ramped = DenseProbe(words, [[0, 1, 2], [3, 4]], heads, ramps={1: 1})
+    first, second = plain.logits(tokens).split(plain.sizes, -1)
+    first_ce = torch.nn.functional.cross_entropy(first.reshape(-1, 3), labels[..., 0].reshape(-1))
+    assert torch.allclose(ramped(tokens, labels), first_ce + ramp_loss(second, labels[..., 1] != IGNORE, 1))
+    assert not torch.allclose(ramped(tokens, labels), plain(tokens, labels))
+    with pytest.raises(ValueError, match="two-class head"):
+        DenseProbe(words, [[0, 1, 2], [3, 4]], heads, ramps={0: 1})
 
 
 def test_key_cells_known_answer_and_every_family_has_its_keys() -> None:

@@ -126,3 +126,5 @@ def test_stage_table_names_what_each_stage_took_from_elsewhere():
 
     later = stage_sources({**base, "appearance_weight": 1.0, "appearance_layer": 2})
     assert later == "video appearance read-out (weight 1.0, after layer 2)"
+    assert stage_sources({**base, "position_ramp": True, "family_mix": {"relation": 3}}) \
+        == "position ramp; family mix relation=3"

@@ -84,6 +84,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--appearance-layer", type=int, default=1,
                    help="after which language-model layer the appearance read-out reads (default 1: with the other "
                         "read-outs; 2: the first layer finds where each appearance starts, the second counts them)")
+    t.add_argument("--position-ramp", action="store_true",
+                   help="train the image tokens' top / bottom and left / right read-outs toward each cell's place "
+                        "along the axis, not its half (mmtok.testbed.dense.position_ramp; for 'which is further "
+                        "left' between two objects in one half)")
     t.add_argument("--balanced-probe", action="store_true",
                    help="the media tokens' read-outs weigh each class alike (class-balanced mean; for rare "
                         "classes such as chirp tokens) instead of each token")
@@ -155,7 +159,7 @@ def run_train(args: argparse.Namespace) -> int:
           position_homotopy=args.position_homotopy, time_weight=args.time_weight,
           motion_weight=args.motion_weight, appearance_weight=args.appearance_weight,
           appearance_layer=args.appearance_layer,
-          balanced_probe=args.balanced_probe, family_mix=parse_mix(args.family_mix) if args.family_mix else None,
+          balanced_probe=args.balanced_probe, position_ramp=args.position_ramp, family_mix=parse_mix(args.family_mix) if args.family_mix else None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

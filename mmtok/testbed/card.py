@@ -88,6 +88,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
            + ")"
            if settings.get("appearance_weight") else "")
         + (", class-balanced read-outs (`--balanced-probe`)" if settings.get("balanced_probe") else "")
+        + (", image half read-outs on the position ramp (`--position-ramp`)" if settings.get("position_ramp") else "")
         + (f", family mix (`--family-mix {mix_text(settings['family_mix'])}`)" if settings.get("family_mix") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
@@ -120,7 +121,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
 STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attention_weight", "position_code")
 # Settings a stage has only when it used them; the card's "sources" column names them.
 SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
-               "motion_weight", "appearance_weight", "appearance_layer", "balanced_probe", "family_mix")
+               "motion_weight", "appearance_weight", "appearance_layer", "balanced_probe", "position_ramp",
+               "family_mix")
 
 
 def mix_text(mix: dict[str, int]) -> str:
@@ -148,6 +150,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
                      f"{', after layer ' + str(settings['appearance_layer']) if settings.get('appearance_layer') else ''})")
     if settings.get("balanced_probe"):
         parts.append("class-balanced read-outs")
+    if settings.get("position_ramp"):
+        parts.append("position ramp")
     if settings.get("family_mix"):
         parts.append(f"family mix {mix_text(settings['family_mix'])}")
     return "; ".join(parts) or "-"

@@ -17,7 +17,8 @@ embeddings), so the shipped model is the stock architecture with nothing extra.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ VERTICAL_CLASSES = ("top", "bottom")
 HORIZONTAL_CLASSES = ("left", "right")
 # Image tokens also name the half of the image they lie in, in the words of the position questions.
 IMAGE_HEADS = (*VISUAL_HEADS, VERTICAL_CLASSES, HORIZONTAL_CLASSES)
+# With the position ramp, those two heads read the grid axis (0: rows, 1: columns) as a soft target.
+IMAGE_RAMPS = {3: 0, 4: 1}
 IGNORE = -100
 TEMPERATURE = 10.0  # cosine logits in [-10, 10]: confident enough for a near-zero loss, bounded norms
 
@@ -107,6 +110,30 @@ def half_labels(g: int) -> torch.Tensor:
     return torch.stack([(rows >= g // 2).long(), (cols >= g // 2).long()], -1).reshape(g * g, 2)
 
 
+def position_ramp(g: int, axis: int) -> torch.Tensor:
+    """``[G * G]`` float, row-major: each cell's place along ``axis`` (0: rows, 1: columns), ``(i + 0.5) / G``.
+
+    The soft target of a half head under the position ramp (:class:`DenseProbe`): a cell of column ``i`` is
+    "right" with probability ``(i + 0.5) / G``. With hard halves, two objects in the same half give their tokens
+    the same target, and "which is further left, the A or the B?" has nothing to compare: the shipped
+    testbed-llava and testbed-qwen2vl, trained with hard halves, answered the left / right questions at chance
+    (21 of 40 held-out items) and the higher / lower ones at 82 % (49 of 60), which the language model's 1-D
+    positions order for it (the image tokens run row by row). The
+    ramp's optimum, ``logit(right) - logit(left) = log((i + 0.5) / (G - i - 0.5))``, rises with the column,
+    so the difference of the two words' scores is a monotone read-out of the place that an attention head
+    can compare; the half stays its argmax.
+
+    Raises:
+        ValueError: ``axis`` is not 0 or 1, or ``g`` < 1.
+    """
+    if axis not in (0, 1) or g < 1:
+        raise ValueError(f"a position ramp runs along axis 0 (rows) or 1 (columns) of a grid side >= 1, "
+                         f"got axis {axis}, side {g}")
+    index = torch.arange(g * g)
+    place = index // g if axis == 0 else index % g
+    return (place.float() + 0.5) / g
+
+
 def key_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
     """``[G * G]`` long: 1 on the cells under the scene's key boxes (``scene["query"]["key"]``), else 0.
 
@@ -176,16 +203,26 @@ class DenseProbe(torch.nn.Module):
     cross-entropy (:func:`balanced_mean`) instead of the mean over tokens, for heads whose rare classes carry
     the answers (an audio clip's chirp covers ~4 % of its tokens; with the token mean, ``testbed-audio``'s
     encoder read 116 of 159 held-out chirp tokens as "tone").
+
+    ``ramps`` (head index -> grid axis; :data:`IMAGE_RAMPS` for the half heads of images): those two-class
+    heads are trained toward the soft :func:`position_ramp` of their token's cell instead of its hard label,
+    by the KL divergence (0 at the optimum) averaged over the tokens whose label is not ignored; the tokens
+    lie row-major on a square grid, so the cell is the token's index.
     """
 
     def __init__(self, word_embeddings: torch.nn.Embedding, word_ids: Sequence[Sequence[int]],
-                 heads: Sequence[Sequence[str]] = VISUAL_HEADS, balanced: bool = False) -> None:
+                 heads: Sequence[Sequence[str]] = VISUAL_HEADS, balanced: bool = False,
+                 ramps: Mapping[int, int] | None = None) -> None:
         super().__init__()
         self.balanced = balanced
         self.sizes = tuple(len(classes) for classes in heads)
         if tuple(len(ids) for ids in word_ids) != self.sizes:
             raise ValueError(f"word_ids must list {self.sizes} ids for the {len(heads)} heads, "
                              f"got {tuple(len(ids) for ids in word_ids)}")
+        self.ramps = dict(ramps or {})
+        for k in self.ramps:
+            if not 0 <= k < len(self.sizes) or self.sizes[k] != 2:
+                raise ValueError(f"a position ramp needs a two-class head; head {k} of sizes {self.sizes} is not one")
         self.register_buffer("ids", torch.tensor([i for ids in word_ids for i in ids]), persistent=False)
         self.words = [word_embeddings]  # a list: not registered, so its weight is the model's, not ours
 
@@ -214,6 +251,9 @@ class DenseProbe(torch.nn.Module):
         total = tokens.new_zeros((), dtype=torch.float32)
         for k, lg in enumerate(logits):
             target = labels[..., k].reshape(-1)
+            if k in self.ramps:
+                total = total + ramp_loss(lg, labels[..., k] != IGNORE, self.ramps[k])
+                continue
             if not self.balanced:
                 total = total + torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), target,
                                                                   ignore_index=IGNORE)
@@ -223,6 +263,30 @@ class DenseProbe(torch.nn.Module):
                                                        reduction="none")
             total = total + balanced_mean(*class_sums(losses, target[keep], self.sizes[k]))
         return total
+
+
+def ramp_loss(logits: torch.Tensor, keep: torch.Tensor, axis: int) -> torch.Tensor:
+    """KL divergence of two-class ``logits`` ``[n_media, N, 2]`` from the :func:`position_ramp` of their cells.
+
+    Args:
+        logits: the head's scores of tokens lying row-major on a square grid of ``N`` cells.
+        keep: ``[n_media, N]`` bool, the tokens that count.
+        axis: 0 (rows) or 1 (columns).
+
+    Returns:
+        Scalar mean over the kept tokens (0 when none is kept).
+
+    Raises:
+        ValueError: ``N`` is not a square.
+    """
+    n = logits.shape[1]
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"a position ramp needs tokens on a square grid, got {n} per medium")
+    q = position_ramp(g, axis).to(logits.device)
+    target = torch.stack([1 - q, q], -1).expand_as(logits)
+    each = (target * (target.log() - logits.log_softmax(-1))).sum(-1)
+    return each[keep].sum() / keep.sum().clamp_min(1)
 
 
 def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int

@@ -27,7 +27,14 @@ from mmtok.testbed.card import describe_hardware, export, stage
 from mmtok.testbed.curriculum import background_share, keep_mask
 from mmtok.testbed.data import dataset, families
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
-from mmtok.testbed.dense import IMAGE_HEADS, VISUAL_HEADS, DenseProbe, batch_labels, class_word_ids
+from mmtok.testbed.dense import (
+    IMAGE_HEADS,
+    IMAGE_RAMPS,
+    VISUAL_HEADS,
+    DenseProbe,
+    batch_labels,
+    class_word_ids,
+)
 from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
 from mmtok.testbed.dense_step import ATTEND_LAYER, dense_parts, pool, split_by_medium
 from mmtok.testbed.dense_video import appearance_words, motion_words, time_words, video_batch_labels
@@ -148,6 +155,7 @@ def train(
     appearance_weight: float = 0.0,
     appearance_layer: int = 1,
     balanced_probe: bool = False,
+    position_ramp: bool = False,
     family_mix: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -222,6 +230,9 @@ def train(
         balanced_probe: the read-outs of the media tokens take each head's class-balanced mean
             (:class:`mmtok.testbed.dense.DenseProbe`, for rare classes such as an audio clip's chirp
             tokens); False (default): the mean over tokens.
+        position_ramp: the image tokens' half read-outs ("top" / "bottom", "left" / "right") are trained
+            toward each cell's place along its axis (:func:`mmtok.testbed.dense.position_ramp`), not the
+            hard half, so that two objects in the same half can be compared; False (default): hard halves.
         family_mix: family weights in the turn order of the training items (:mod:`mmtok.testbed.family_mix`,
             e.g. ``{"direction": 3}``: three direction items per turn of the video families); None: each
             family once.
@@ -264,6 +275,10 @@ def train(
             settings["appearance_layer"] = int(appearance_layer)
     if balanced_probe:
         settings["balanced_probe"] = True
+    if position_ramp:
+        if "image" not in settings.get("modalities", spec.modalities):
+            raise ValueError("the position ramp trains the image tokens' half read-outs: train on images")
+        settings["position_ramp"] = True
     if modalities is not None:
         unknown = sorted(set(modalities) - set(spec.modalities))
         if unknown or not modalities:
@@ -324,8 +339,12 @@ def train(
         for media in spec.modalities:
             heads = {"image": IMAGE_HEADS, "video": VISUAL_HEADS, "audio": AUDIO_HEADS}[media]
             probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads,
-                                       balanced=balanced_probe).to(device_of(model))
+                                       balanced=balanced_probe,
+                                       ramps=IMAGE_RAMPS if position_ramp and media == "image" else None
+                                       ).to(device_of(model))
         yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
+    if position_ramp and not probes:
+        raise ValueError("the position ramp trains the dense probe's half read-outs: use it with dense_weight > 0")
     clock_words = step_words = run_words = None
     for weight, read_out in ((time_weight, "time"), (motion_weight, "motion"), (appearance_weight, "appearance")):
         if weight and (not probes or "video" not in settings.get("modalities", spec.modalities)):
