@@ -237,6 +237,9 @@ def test_training_with_the_position_ramp_records_it_and_needs_the_probe(tmp_path
     assert probe[0] != probe[1]  # same weights and batch: only the half heads' targets differ
     with pytest.raises(ValueError, match="position ramp"):
         _run(tmp_path / "none", steps=1, dense_weight=0.0, position_ramp=True)
+    with pytest.raises(ValueError, match="train on images"):  # Qwen2-VL on its videos alone has no half heads
+        train("testbed-qwen2vl", size=GRID_SIZE, steps=1, batch_size=2, lr=1e-4, warmup=0, dense_weight=1.0,
+              modalities=["video"], position_ramp=True, work_dir=tmp_path / "video", log=lambda s: None)
     with pytest.raises(ValueError, match="made with"):  # a resume must keep the targets it started with
         _run(tmp_path / "hard", steps=1, resume=True, position_ramp=True)
 

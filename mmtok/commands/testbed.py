@@ -159,7 +159,8 @@ def run_train(args: argparse.Namespace) -> int:
           position_homotopy=args.position_homotopy, time_weight=args.time_weight,
           motion_weight=args.motion_weight, appearance_weight=args.appearance_weight,
           appearance_layer=args.appearance_layer,
-          balanced_probe=args.balanced_probe, position_ramp=args.position_ramp, family_mix=parse_mix(args.family_mix) if args.family_mix else None,
+          balanced_probe=args.balanced_probe, position_ramp=args.position_ramp,
+          family_mix=parse_mix(args.family_mix) if args.family_mix else None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

@@ -276,14 +276,14 @@ def train(
     if balanced_probe:
         settings["balanced_probe"] = True
     if position_ramp:
-        if "image" not in settings.get("modalities", spec.modalities):
-            raise ValueError("the position ramp trains the image tokens' half read-outs: train on images")
         settings["position_ramp"] = True
     if modalities is not None:
         unknown = sorted(set(modalities) - set(spec.modalities))
         if unknown or not modalities:
             raise ValueError(f"{name} trains on {list(spec.modalities)} (or a subset), not {list(modalities)}")
         settings["modalities"] = [m for m in spec.modalities if m in modalities]
+    if position_ramp and "image" not in settings.get("modalities", spec.modalities):
+        raise ValueError("the position ramp trains the image tokens' half read-outs: train on images")
     if family_mix:
         settings["family_mix"] = check_mix(family_mix, settings.get("modalities", spec.modalities))
     if distill_from is not None:
