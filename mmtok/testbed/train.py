@@ -1,6 +1,7 @@
 """Seeded, resumable training of a testbed model on generated QA items, and its export to ``assets/``.
 
-The loop (one function, :func:`train`): batch ``s`` is train-split items ``s * B .. (s + 1) * B - 1`` of
+The loop (:func:`train`; its settings are resolved in :mod:`mmtok.testbed.train_settings` and its read-outs
+built in :mod:`mmtok.testbed.train_read_outs`): batch ``s`` is train-split items ``s * B .. (s + 1) * B - 1`` of
 :func:`mmtok.testbed.data.dataset` (``form="mixed"``), generated on the fly, so a run is a pure function of
 its settings and seed and a resumed run sees exactly the batches an uninterrupted one would. The loss is
 the cross-entropy on the answer words and ``</s>`` only (:func:`mmtok.testbed.models.encode_items`);
@@ -23,24 +24,17 @@ from typing import Any
 
 import torch
 
-from mmtok.testbed.card import describe_hardware, export, stage
+from mmtok.testbed.card import describe_hardware, export
 from mmtok.testbed.curriculum import background_share, keep_mask
 from mmtok.testbed.data import dataset, families
-from mmtok.testbed.data.images import CELL, IMAGE_SIZE
-from mmtok.testbed.dense import (
-    IMAGE_HEADS,
-    IMAGE_RAMPS,
-    VISUAL_HEADS,
-    DenseProbe,
-    batch_labels,
-    class_word_ids,
-)
-from mmtok.testbed.dense_audio import AUDIO_HEADS, audio_batch_labels
+from mmtok.testbed.data.images import CELL
+from mmtok.testbed.dense import batch_labels
+from mmtok.testbed.dense_audio import audio_batch_labels
 from mmtok.testbed.dense_step import ATTEND_LAYER, dense_parts, pool, split_by_medium
-from mmtok.testbed.dense_video import appearance_words, motion_words, time_words, video_batch_labels
+from mmtok.testbed.dense_video import video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
-from mmtok.testbed.family_mix import check_mix, items_after, mixed_items
-from mmtok.testbed.media_grid import MEDIA, model_kind, on_layout_grid, tokens_per_side
+from mmtok.testbed.family_mix import mixed_items
+from mmtok.testbed.media_grid import MEDIA, model_kind, on_layout_grid
 from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
 from mmtok.testbed.position_homotopy import blended_position_ids, homotopy_weight
@@ -52,8 +46,9 @@ from mmtok.testbed.train_measures import (
     media_gain,
     to_device,
 )
+from mmtok.testbed.train_read_outs import ReadOuts, make_read_outs
+from mmtok.testbed.train_settings import recipe_defaults, run_settings
 from mmtok.testbed.transfer import transfer_language_model
-from mmtok.testbed.warm_start import load_warm_start
 
 ROOT = Path(__file__).resolve().parents[2]
 # Train-split scenes (of seed + 1, so not a batch the run trains on first) for fitting a Qwen2-VL merger's
@@ -247,127 +242,27 @@ def train(
             read-out without video batches and dense tokens, or an appearance layer the answer cannot read.
     """
     spec = get_spec(name)
-    d = spec.train_defaults
-    settings = {
-        "name": name, "size": size, "seed": seed, "steps": steps or d.get("steps", 1000),
-        "batch_size": batch_size or d.get("batch_size", 16), "lr": lr or d.get("lr", 1e-3),
-        "warmup": d.get("warmup", 50) if warmup is None else warmup,
-        "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
-        "dense_weight": dense_weight, "curriculum": curriculum,
-        "attention_weight": attention_weight,
-        "position_code": (d.get("position_code", 0.0) if init_from is None and size == "full" else 0.0)
-        if position_code is None else position_code,
-    }
-    if init_lm_from is not None:
-        settings["init_lm_from"] = str(init_lm_from)
-    if position_homotopy:
-        homotopy_weight(0, 1, position_homotopy)  # validates the share
-        settings["position_homotopy"] = float(position_homotopy)
-    if time_weight:
-        settings["time_weight"] = float(time_weight)  # absent when off: older runs' settings still resume
-    if motion_weight:
-        settings["motion_weight"] = float(motion_weight)
-    if appearance_layer != 1 and not appearance_weight:
-        raise ValueError("appearance_layer places the appearance read-out: use it with appearance_weight > 0")
-    if appearance_weight:
-        settings["appearance_weight"] = float(appearance_weight)
-        if appearance_layer != 1:  # absent at the first layer: earlier runs' settings still resume
-            settings["appearance_layer"] = int(appearance_layer)
-    if balanced_probe:
-        settings["balanced_probe"] = True
-    if position_ramp:
-        settings["position_ramp"] = True
-    if modalities is not None:
-        unknown = sorted(set(modalities) - set(spec.modalities))
-        if unknown or not modalities:
-            raise ValueError(f"{name} trains on {list(spec.modalities)} (or a subset), not {list(modalities)}")
-        settings["modalities"] = [m for m in spec.modalities if m in modalities]
-    if position_ramp and "image" not in settings.get("modalities", spec.modalities):
-        raise ValueError("the position ramp trains the image tokens' half read-outs: train on images")
-    if family_mix:
-        settings["family_mix"] = check_mix(family_mix, settings.get("modalities", spec.modalities))
-    if distill_from is not None:
-        if "image" not in settings.get("modalities", spec.modalities):
-            raise ValueError("distillation regresses image tokens: train on images (modalities with 'image')")
-        settings["distill_from"], settings["distill_weight"] = str(distill_from), float(distill_weight)
-    warm = None
-    if init_from is not None:
-        warm, source = load_warm_start(init_from)
-        before = warm["settings"].get("init_from") or {"items": 0}
-        warm_media = warm["settings"].get("modalities") or spec.modalities
-        settings["init_from"] = {"path": str(source), "step": warm["step"],
-                                 "items": items_after(warm["settings"], warm["step"], warm_media),
-                                 "lineage": [*before.get("lineage", []), stage(warm)]}
+    settings, warm = run_settings(
+        spec, size=size, seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+        weight_decay=weight_decay, init_from=init_from, dense_weight=dense_weight, curriculum=curriculum,
+        attention_weight=attention_weight, position_code=position_code, init_lm_from=init_lm_from,
+        distill_from=distill_from, distill_weight=distill_weight, modalities=modalities,
+        position_homotopy=position_homotopy, time_weight=time_weight, motion_weight=motion_weight,
+        appearance_weight=appearance_weight, appearance_layer=appearance_layer, balanced_probe=balanced_probe,
+        position_ramp=position_ramp, family_mix=family_mix)
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
         raise ValueError("the position homotopy moves Qwen2-VL's M-RoPE positions: use it with testbed-qwen2vl")
     shape = spec.sizes[size] if isinstance(size, str) else size
-    grid_ok = on_layout_grid(model, shape)
-    if dense_weight is None or curriculum is None:
-        # The spec's dense/curriculum defaults are the shipped size's recipe; other sizes (the test-sized
-        # "tiny") train without them unless asked.
-        shipped = size == "full" and grid_ok
-        if dense_weight is None:
-            settings["dense_weight"] = d.get("dense_weight", 0.0) if shipped else 0.0
-        if curriculum is None:
-            # Easy-first is for a model that cannot read its images yet: a warm start has learned to.
-            fresh = shipped and settings["dense_weight"] > 0 and init_from is None
-            settings["curriculum"] = d.get("curriculum", 0.0) if fresh else 0.0
-    if attention_weight is None:
-        settings["attention_weight"] = d.get("attention_weight", 0.0) if settings["dense_weight"] > 0 else 0.0
-    if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
-        raise ValueError("attention supervision needs the key cells of the dense labels: use dense_weight > 0")
-    if settings["curriculum"] > 0 and settings["dense_weight"] <= 0:
-        raise ValueError("the curriculum needs the scene's content cells: use it with dense_weight > 0")
-    if settings["steps"] < 1 or settings["batch_size"] < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {settings['steps']} and {settings['batch_size']}")
+    on_grid = on_layout_grid(model, shape)
+    recipe_defaults(settings, spec, on_grid)
     if threads is not None:
         torch.set_num_threads(threads)
     work = Path(work_dir) if work_dir is not None else Path("/tmp") / name
     work.mkdir(parents=True, exist_ok=True)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    probes: dict[str, DenseProbe] = {}
-    if settings["dense_weight"] > 0:
-        if not grid_ok:
-            raise ValueError(f"the dense probe needs one image token per layout cell of the scenes ({IMAGE_SIZE} px "
-                             f"images, {CELL} px cells: {IMAGE_SIZE // CELL} tokens per side) in a Llava or Qwen2-VL "
-                             f"model; {name} at this size has {tokens_per_side(shape)}: "
-                             "use dense_weight=0 for this size")
-        if settings["curriculum"] > 0 and model_kind(model) != "llava":
-            raise ValueError("the background curriculum drops tokens of Llava models only: use curriculum=0")
-        words = model.get_input_embeddings()
-        for media in spec.modalities:
-            heads = {"image": IMAGE_HEADS, "video": VISUAL_HEADS, "audio": AUDIO_HEADS}[media]
-            probes[media] = DenseProbe(words, class_word_ids(processor.tokenizer, heads), heads,
-                                       balanced=balanced_probe,
-                                       ramps=IMAGE_RAMPS if position_ramp and media == "image" else None
-                                       ).to(device_of(model))
-        yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
-    if position_ramp and not probes:
-        raise ValueError("the position ramp trains the dense probe's half read-outs: use it with dense_weight > 0")
-    clock_words = step_words = run_words = None
-    for weight, read_out in ((time_weight, "time"), (motion_weight, "motion"), (appearance_weight, "appearance")):
-        if weight and (not probes or "video" not in settings.get("modalities", spec.modalities)):
-            raise ValueError(f"the {read_out} read-out trains video tokens on the scenes' grid: use it with "
-                             "dense_weight > 0 and video batches")
-    if time_weight:
-        clock_words = time_words(processor.tokenizer)
-    if motion_weight:
-        step_words = motion_words(processor.tokenizer)
-    if appearance_weight:
-        run_words = appearance_words(processor.tokenizer)
-        layers = model.config.text_config.num_hidden_layers
-        if not 1 <= appearance_layer < layers:
-            raise ValueError(f"appearance_layer must be 1 to {layers - 1} (a later layer must read it), "
-                             f"got {appearance_layer}")
-    teacher = None
-    if distill_from is not None:
-        if not probes:
-            raise ValueError("distillation reads the image tokens on the scenes' grid: use dense_weight > 0")
-        teacher = FeatureTeacher(distill_from, device_of(model))
-        if teacher.hidden_size != model.config.text_config.hidden_size:
-            raise ValueError(f"the teacher's visual tokens are {teacher.hidden_size} wide, this model's language "
-                             f"model takes {model.config.text_config.hidden_size}")
+    read_outs = make_read_outs(model, processor, spec, settings, on_grid, shape)
+    teacher = _teacher(settings, model, read_outs)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98), weight_decay=settings["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -375,22 +270,7 @@ def train(
     ckpt = work / "checkpoint.pt"
     history: dict[str, Any] = {"losses": [], "evals": [], "seconds": 0.0}
     start_step = 0
-    if warm is not None:
-        model.load_state_dict(warm["model"])
-        log(f"warm start of {name} from step {warm['step']} of {settings['init_from']['path']}")
-    if init_lm_from is not None:  # after a warm start, whose language model it replaces
-        moved = transfer_language_model(model, processor.tokenizer, init_lm_from)
-        log(f"language model of {name} from {init_lm_from}: {moved}")
-    if settings["position_code"] > 0:  # before a resume, which loads weights that have it already
-        add_position_code(model, settings["position_code"])
-    # Only the first distilled stage fits (a later one would move tokens its language model has adapted to);
-    # a resume loads the fitted weights.
-    first_distilled = warm is None or not warm["settings"].get("distill_from")
-    if teacher is not None and model_kind(model) == "qwen2vl" and first_distilled:
-        fit = fit_output_layer(model, processor, teacher,
-                               list(dataset("image", "train", FIT_ITEMS, seed + 1, form=FORM)))
-        log(f"merger output layer fitted to {teacher.source} on {FIT_ITEMS} images: distillation loss "
-            f"{fit['before']:.4f} -> {fit['after']:.4f}")
+    _prepare_weights(model, processor, settings, warm, teacher, log)
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False, map_location=device_of(model))
         if state["settings"] != settings:
@@ -400,10 +280,9 @@ def train(
         sched.load_state_dict(state["sched"])
         history, start_step = state["history"], state["step"]
         log(f"resumed {name} at step {start_step} from {ckpt}")
-    if settings["attention_weight"] > 0:
-        if model.config.text_config.num_hidden_layers <= ATTEND_LAYER:
-            raise ValueError(f"attention supervision reads layer {ATTEND_LAYER}; this language model has "
-                             f"{model.config.text_config.num_hidden_layers} layer(s): use attention_weight=0")
+    if settings["attention_weight"] > 0 and model.config.text_config.num_hidden_layers <= ATTEND_LAYER:
+        raise ValueError(f"attention supervision reads layer {ATTEND_LAYER}; this language model has "
+                         f"{model.config.text_config.num_hidden_layers} layer(s): use attention_weight=0")
     heldout = heldout_items(spec, eval_n, seed) if eval_every or out else []
     logf = (work / "log.jsonl").open("a")
     t0 = time.perf_counter() - history["seconds"]
@@ -411,7 +290,7 @@ def train(
     stop = settings["steps"] if until is None else min(until, settings["steps"])
     batches = torch.utils.data.DataLoader(
         StepBatches(spec, processor, settings["batch_size"], seed, start_step, max(start_step, stop),
-                    dense=bool(probes),
+                    dense=bool(read_outs.probes),
                     item_offset=settings.get("init_from", {"items": 0})["items"],
                     modalities=settings.get("modalities"),
                     teacher_pixels=teacher.pixels if teacher is not None else None,
@@ -419,31 +298,9 @@ def train(
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     history["hardware"] = describe_hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):
-        batch = to_device(batch, device_of(model))
-        labels = {m: batch.pop(f"dense_labels_{m}") for m in MEDIA if f"dense_labels_{m}" in batch}
-        teacher_pixels = batch.pop("teacher_pixel_values", None)
-        distill = None
-        share = background_share(step, settings["steps"], settings["curriculum"])
-        if probes:
-            keep = (keep_mask(labels["image"], share, torch.Generator().manual_seed(seed * 1_000_003 + step))
-                    if share < 1 else None)
-            blend = partial(_blend_positions, model, step=step, settings=settings)
-            parts = [dense_parts(model, sub, labels, probes, yes_no, settings["attention_weight"] > 0, keep, blend,
-                                 clock_words, step_words, run_words, appearance_layer)
-                     for sub in split_by_medium(model, batch)]
-            loss, dense, terms = pool(parts, settings["attention_weight"], time_weight, motion_weight,
-                                      appearance_weight)
-            total = loss + settings["dense_weight"] * dense
-            if teacher is not None:
-                image_tokens = next(p.tokens["image"] for p in parts if "image" in p.tokens)
-                distill = feature_distill_loss(image_tokens, teacher.tokens(teacher_pixels))
-                total = total + settings["distill_weight"] * distill
-            total.backward()
-        else:
-            dense, terms = None, {}
-            _blend_positions(model, batch, step, settings)
-            loss = model(**batch).loss
-            loss.backward()
+        total, loss, dense, terms, distill = _step_losses(model, to_device(batch, device_of(model)), step, settings,
+                                                          read_outs, teacher)
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -481,6 +338,70 @@ def train(
         export(spec, model, processor, Path(out), settings, history, eval_n)
         log(f"exported {name} to {out}")
     return {**history, "model": model, "processor": processor, "settings": settings}
+
+
+def _teacher(settings: dict[str, Any], model: Any, read_outs: ReadOuts) -> FeatureTeacher | None:
+    """The distillation teacher ``settings`` name, checked against the model; None without distillation."""
+    if "distill_from" not in settings:
+        return None
+    if not read_outs.probes:
+        raise ValueError("distillation reads the image tokens on the scenes' grid: use dense_weight > 0")
+    teacher = FeatureTeacher(settings["distill_from"], device_of(model))
+    if teacher.hidden_size != model.config.text_config.hidden_size:
+        raise ValueError(f"the teacher's visual tokens are {teacher.hidden_size} wide, this model's language "
+                         f"model takes {model.config.text_config.hidden_size}")
+    return teacher
+
+
+def _prepare_weights(model: Any, processor: Any, settings: dict[str, Any], warm: dict[str, Any] | None,
+                     teacher: FeatureTeacher | None, log: Callable[[str], None]) -> None:
+    """The run's starting weights before a resume: warm start, copied language model, position code, fit."""
+    name = settings["name"]
+    if warm is not None:
+        model.load_state_dict(warm["model"])
+        log(f"warm start of {name} from step {warm['step']} of {settings['init_from']['path']}")
+    if "init_lm_from" in settings:  # after a warm start, whose language model it replaces
+        moved = transfer_language_model(model, processor.tokenizer, settings["init_lm_from"])
+        log(f"language model of {name} from {settings['init_lm_from']}: {moved}")
+    if settings["position_code"] > 0:  # before a resume, which loads weights that have it already
+        add_position_code(model, settings["position_code"])
+    # Only the first distilled stage fits (a later one would move tokens its language model has adapted to);
+    # a resume loads the fitted weights.
+    first_distilled = warm is None or not warm["settings"].get("distill_from")
+    if teacher is not None and model_kind(model) == "qwen2vl" and first_distilled:
+        fit = fit_output_layer(model, processor, teacher,
+                               list(dataset("image", "train", FIT_ITEMS, settings["seed"] + 1, form=FORM)))
+        log(f"merger output layer fitted to {teacher.source} on {FIT_ITEMS} images: distillation loss "
+            f"{fit['before']:.4f} -> {fit['after']:.4f}")
+
+
+def _step_losses(model: Any, batch: dict[str, Any], step: int, settings: dict[str, Any], read_outs: ReadOuts,
+                 teacher: FeatureTeacher | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                           dict[str, float], torch.Tensor | None]:
+    """One training step's losses: ``(total, answer loss, dense loss or None, dense terms, distillation or None)``."""
+    if not read_outs.probes:
+        _blend_positions(model, batch, step, settings)
+        loss = model(**batch).loss
+        return loss, loss, None, {}, None
+    labels = {m: batch.pop(f"dense_labels_{m}") for m in MEDIA if f"dense_labels_{m}" in batch}
+    teacher_pixels = batch.pop("teacher_pixel_values", None)
+    share = background_share(step, settings["steps"], settings["curriculum"])
+    keep = (keep_mask(labels["image"], share, torch.Generator().manual_seed(settings["seed"] * 1_000_003 + step))
+            if share < 1 else None)
+    blend = partial(_blend_positions, model, step=step, settings=settings)
+    parts = [dense_parts(model, sub, labels, read_outs.probes, read_outs.yes_no, settings["attention_weight"] > 0,
+                         keep, blend, read_outs.time, read_outs.motion, read_outs.appearance,
+                         read_outs.appearance_layer)
+             for sub in split_by_medium(model, batch)]
+    loss, dense, terms = pool(parts, settings["attention_weight"], settings.get("time_weight", 0.0),
+                              settings.get("motion_weight", 0.0), settings.get("appearance_weight", 0.0))
+    total = loss + settings["dense_weight"] * dense
+    distill = None
+    if teacher is not None:
+        image_tokens = next(p.tokens["image"] for p in parts if "image" in p.tokens)
+        distill = feature_distill_loss(image_tokens, teacher.tokens(teacher_pixels))
+        total = total + settings["distill_weight"] * distill
+    return total, loss, dense, terms, distill
 
 
 def default_out(name: str) -> Path:

@@ -1,0 +1,146 @@
+"""A training run's settings: :func:`mmtok.testbed.train.train`'s arguments, the spec's defaults and their checks.
+
+The settings dict is what a checkpoint records and a resume must match, and what the model card and a
+later warm start's lineage read; so an option that is off leaves no key (older runs' settings still
+resume). :func:`run_settings` resolves everything that does not need the model; :func:`recipe_defaults`
+fills in the dense recipe's defaults once the model is built, since they depend on whether its media tokens
+lie on the scenes' layout grid (:mod:`mmtok.testbed.media_grid`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmtok.testbed.card import stage
+from mmtok.testbed.family_mix import check_mix, items_after
+from mmtok.testbed.models import TestbedSpec
+from mmtok.testbed.position_homotopy import homotopy_weight
+from mmtok.testbed.train_measures import FORM
+from mmtok.testbed.warm_start import load_warm_start
+
+
+def run_settings(
+    spec: TestbedSpec,
+    *,
+    size: str,
+    seed: int,
+    steps: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    warmup: int | None,
+    weight_decay: float | None,
+    init_from: str | Path | None,
+    dense_weight: float | None,
+    curriculum: float | None,
+    attention_weight: float | None,
+    position_code: float | None,
+    init_lm_from: str | Path | None,
+    distill_from: str | Path | None,
+    distill_weight: float,
+    modalities: Sequence[str] | None,
+    position_homotopy: float,
+    time_weight: float,
+    motion_weight: float,
+    appearance_weight: float,
+    appearance_layer: int,
+    balanced_probe: bool,
+    position_ramp: bool,
+    family_mix: dict[str, int] | None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The settings of a run of ``spec`` (the arguments are :func:`mmtok.testbed.train.train`'s).
+
+    ``dense_weight``, ``curriculum`` and ``attention_weight`` stay None when not given: see
+    :func:`recipe_defaults`.
+
+    Returns:
+        The settings, and the warm start's state (:func:`mmtok.testbed.warm_start.load_warm_start`) when
+        ``init_from`` is given, else None.
+
+    Raises:
+        ValueError: an invalid homotopy share, family mix or appearance layer without its read-out, modalities
+            the spec lacks, or the position ramp or distillation without image batches.
+    """
+    d = spec.train_defaults
+    settings: dict[str, Any] = {
+        "name": spec.name, "size": size, "seed": seed, "steps": steps or d.get("steps", 1000),
+        "batch_size": batch_size or d.get("batch_size", 16), "lr": lr or d.get("lr", 1e-3),
+        "warmup": d.get("warmup", 50) if warmup is None else warmup,
+        "weight_decay": d.get("weight_decay", 0.01) if weight_decay is None else weight_decay, "form": FORM,
+        "dense_weight": dense_weight, "curriculum": curriculum,
+        "attention_weight": attention_weight,
+        "position_code": (d.get("position_code", 0.0) if init_from is None and size == "full" else 0.0)
+        if position_code is None else position_code,
+    }
+    if init_lm_from is not None:
+        settings["init_lm_from"] = str(init_lm_from)
+    if position_homotopy:
+        homotopy_weight(0, 1, position_homotopy)  # validates the share
+        settings["position_homotopy"] = float(position_homotopy)
+    if time_weight:
+        settings["time_weight"] = float(time_weight)
+    if motion_weight:
+        settings["motion_weight"] = float(motion_weight)
+    if appearance_layer != 1 and not appearance_weight:
+        raise ValueError("appearance_layer places the appearance read-out: use it with appearance_weight > 0")
+    if appearance_weight:
+        settings["appearance_weight"] = float(appearance_weight)
+        if appearance_layer != 1:  # absent at the first layer, as before the option existed
+            settings["appearance_layer"] = int(appearance_layer)
+    if balanced_probe:
+        settings["balanced_probe"] = True
+    if position_ramp:
+        settings["position_ramp"] = True
+    if modalities is not None:
+        unknown = sorted(set(modalities) - set(spec.modalities))
+        if unknown or not modalities:
+            raise ValueError(f"{spec.name} trains on {list(spec.modalities)} (or a subset), not {list(modalities)}")
+        settings["modalities"] = [m for m in spec.modalities if m in modalities]
+    media = settings.get("modalities", spec.modalities)
+    if position_ramp and "image" not in media:
+        raise ValueError("the position ramp trains the image tokens' half read-outs: train on images")
+    if family_mix:
+        settings["family_mix"] = check_mix(family_mix, media)
+    if distill_from is not None:
+        if "image" not in media:
+            raise ValueError("distillation regresses image tokens: train on images (modalities with 'image')")
+        settings["distill_from"], settings["distill_weight"] = str(distill_from), float(distill_weight)
+    warm = None
+    if init_from is not None:
+        warm, source = load_warm_start(init_from)
+        before = warm["settings"].get("init_from") or {"items": 0}
+        warm_media = warm["settings"].get("modalities") or spec.modalities
+        settings["init_from"] = {"path": str(source), "step": warm["step"],
+                                 "items": items_after(warm["settings"], warm["step"], warm_media),
+                                 "lineage": [*before.get("lineage", []), stage(warm)]}
+    return settings, warm
+
+
+def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) -> None:
+    """Fill in the dense recipe's weights left None by :func:`run_settings`, in place, and check them.
+
+    The spec's dense / curriculum defaults are the shipped size's recipe: other sizes (the test-sized
+    "tiny") and models whose media tokens are not on the layout grid (``on_grid`` False) train without them
+    unless asked. The curriculum (easy-first) is for a model that cannot read its images yet, so a warm
+    start does not take it by default.
+
+    Raises:
+        ValueError: attention supervision or the curriculum without the dense probe, or non-positive steps or
+            batch size.
+    """
+    d = spec.train_defaults
+    shipped = settings["size"] == "full" and on_grid
+    if settings["dense_weight"] is None:
+        settings["dense_weight"] = d.get("dense_weight", 0.0) if shipped else 0.0
+    if settings["curriculum"] is None:
+        fresh = shipped and settings["dense_weight"] > 0 and "init_from" not in settings
+        settings["curriculum"] = d.get("curriculum", 0.0) if fresh else 0.0
+    if settings["attention_weight"] is None:
+        settings["attention_weight"] = d.get("attention_weight", 0.0) if settings["dense_weight"] > 0 else 0.0
+    if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
+        raise ValueError("attention supervision needs the key cells of the dense labels: use dense_weight > 0")
+    if settings["curriculum"] > 0 and settings["dense_weight"] <= 0:
+        raise ValueError("the curriculum needs the scene's content cells: use it with dense_weight > 0")
+    if settings["steps"] < 1 or settings["batch_size"] < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {settings['steps']} and {settings['batch_size']}")

@@ -1,0 +1,72 @@
+"""A training run's settings (`mmtok.testbed.train_settings`): the spec's defaults, keys only when on, checks."""
+
+import pytest
+
+from mmtok.testbed.models import get_spec
+from mmtok.testbed.train_settings import recipe_defaults, run_settings
+
+OFF = {"steps": None, "batch_size": None, "lr": None, "warmup": None, "weight_decay": None, "init_from": None,
+       "dense_weight": None, "curriculum": None, "attention_weight": None, "position_code": None,
+       "init_lm_from": None, "distill_from": None, "distill_weight": 1.0, "modalities": None,
+       "position_homotopy": 0.0, "time_weight": 0.0, "motion_weight": 0.0, "appearance_weight": 0.0,
+       "appearance_layer": 1, "balanced_probe": False, "position_ramp": False, "family_mix": None}
+
+
+def _settings(name="testbed-llava", size="full", on_grid=True, **changes):
+    spec = get_spec(name)
+    settings, warm = run_settings(spec, size=size, seed=3, **{**OFF, **changes})
+    recipe_defaults(settings, spec, on_grid)
+    return settings, warm
+
+
+def test_a_fresh_shipped_size_run_takes_the_specs_whole_recipe():
+    settings, warm = _settings()
+    assert warm is None
+    assert settings == {"name": "testbed-llava", "size": "full", "seed": 3, "steps": 2400, "batch_size": 32,
+                        "lr": 2e-3, "warmup": 100, "weight_decay": 0.01, "form": "mixed", "dense_weight": 1.0,
+                        "curriculum": 0.4, "attention_weight": 1.0, "position_code": 3.0}
+
+
+def test_other_sizes_and_models_off_the_grid_train_with_the_answer_loss_unless_asked():
+    tiny, _ = _settings(size="tiny", on_grid=False)
+    assert (tiny["dense_weight"], tiny["curriculum"], tiny["attention_weight"], tiny["position_code"]) == (0, 0, 0, 0)
+    asked, _ = _settings(size="tiny", on_grid=False, dense_weight=0.5)
+    assert (asked["dense_weight"], asked["curriculum"], asked["attention_weight"]) == (0.5, 0.0, 1.0)
+    off_grid, _ = _settings(on_grid=False)
+    assert (off_grid["dense_weight"], off_grid["curriculum"]) == (0.0, 0.0)
+
+
+def test_options_that_are_off_leave_no_key_and_those_on_are_recorded():
+    plain, _ = _settings("testbed-qwen2vl")
+    on, _ = _settings("testbed-qwen2vl", time_weight=0.5, motion_weight=1, appearance_weight=1, appearance_layer=2,
+                      position_ramp=True, balanced_probe=True, position_homotopy=0.25, modalities=["video", "image"],
+                      family_mix={"count": 2})
+    assert {k: on[k] for k in set(on) - set(plain)} == {
+        "time_weight": 0.5, "motion_weight": 1.0, "appearance_weight": 1.0, "appearance_layer": 2,
+        "position_ramp": True, "balanced_probe": True, "position_homotopy": 0.25,
+        "modalities": ["image", "video"], "family_mix": {"count": 2}}
+    assert plain["curriculum"] == 0.0 and "position_code" in plain and plain["position_code"] == 0.0
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"appearance_layer": 2}, "appearance_layer places"),
+    ({"modalities": ["audio"]}, "trains on"),
+    ({"modalities": []}, "trains on"),
+    ({"modalities": ["video"], "position_ramp": True}, "train on images"),
+    ({"modalities": ["video"], "distill_from": "assets/testbed-llava"}, "train on images"),
+    ({"position_homotopy": 1.5}, "homotopy"),
+    ({"steps": -1}, "steps and batch_size"),
+    ({"dense_weight": 0.0, "attention_weight": 1.0}, "attention supervision needs"),
+    ({"dense_weight": 0.0, "curriculum": 0.4, "attention_weight": 0.0}, "curriculum needs"),
+])
+def test_bad_combinations_are_refused_before_the_model_is_built(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _settings("testbed-qwen2vl", **changes)
+
+
+def test_a_warm_start_continues_the_data_and_lineage_without_the_curriculum_or_a_new_position_code():
+    settings, warm = _settings(init_from="assets/testbed-llava")
+    assert warm is not None and settings["init_from"]["step"] == warm["step"]
+    assert settings["init_from"]["items"] > 400_000  # the shipped lineage's items, so no item is drawn twice
+    assert settings["init_from"]["lineage"][-1]["steps"] == warm["settings"]["steps"]
+    assert (settings["curriculum"], settings["position_code"], settings["dense_weight"]) == (0.0, 0.0, 1.0)
