@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmtok.compressors import compressor_class, list_compressors  # noqa: E402
+from mmtok.testbed import quality_page as page  # noqa: E402
 from mmtok.testbed import report as rep  # noqa: E402
 from mmtok.testbed.evaluate import FamilyScore, Report, evaluate, heldout  # noqa: E402
 from mmtok.testbed.models import get_spec  # noqa: E402
@@ -54,9 +55,9 @@ def test_every_method_and_budget_has_a_cell_and_a_row(run):
     assert run.methods == ["identity", *METHODS]
     assert run.budgets == BUDGETS
     assert set(run.reports) == {("identity", 1.0)} | {(m, b) for m in METHODS for b in BUDGETS}
-    rows = _table_rows(rep.format_quality(run), "## Every cell")
-    assert [(r[0], r[2]) for r in rows] == [("identity", "100 %")] + [(m, rep.pct(b)) for m in METHODS for b in BUDGETS]
-    summary = _table_rows(rep.format_quality(run), "## % of full accuracy")
+    rows = _table_rows(page.format_quality(run), "## Every cell")
+    assert [(r[0], r[2]) for r in rows] == [("identity", "100 %")] + [(m, page.pct(b)) for m in METHODS for b in BUDGETS]
+    summary = _table_rows(page.format_quality(run), "## % of full accuracy")
     assert [r[0] for r in summary] == ["identity", *METHODS]
     assert all(len(r) == 2 + len(BUDGETS) for r in summary)
 
@@ -69,7 +70,7 @@ def test_kept_tokens_are_the_budget_of_16_tokens(run):
             assert all(1 <= k <= KEPT_OF_16[budget] for k in report.visual_after)
         else:
             assert report.visual_after == [KEPT_OF_16[budget]] * n_items, (method, budget)
-    rows = {(r[0], r[2]): r[3] for r in _table_rows(rep.format_quality(run), "## Every cell")}
+    rows = {(r[0], r[2]): r[3] for r in _table_rows(page.format_quality(run), "## Every cell")}
     assert rows[("random", "10 %")] == "2" and rows[("tome", "25 %")] == "4" and rows[("identity", "100 %")] == "16"
 
 
@@ -88,7 +89,7 @@ def test_default_methods_are_the_registered_image_ones_that_fit(tiny):
     # the tiny LM has one layer: the in-LLM methods have no layer to drop at
     assert out.skipped == ["fastv", "pdrop", "sparsevlm"]
     assert out.methods == ["identity", *[m for m in image if m not in out.skipped and m != "identity"]]
-    assert "fastv: cannot run on this 1-layer language model" in rep.format_quality(out)
+    assert "fastv: cannot run on this 1-layer language model" in page.format_quality(out)
 
 
 def test_fit_options_known_answers():
@@ -129,12 +130,12 @@ def _fake_run(with_random_10: bool = True) -> rep.QualityRun:
 
 
 def test_percent_of_full_and_the_random_check_on_known_numbers():
-    assert rep.of_full(0.525, 0.7) == "75.0"
-    assert rep.of_full(0.6, 0.7) == "85.7"
-    assert rep.of_full(0.5, 0.0) == "-"
-    assert rep.pct(0.05) == "5 %" and rep.pct(1.0) == "100 %"
+    assert page.of_full(0.525, 0.7) == "75.0"
+    assert page.of_full(0.6, 0.7) == "85.7"
+    assert page.of_full(0.5, 0.0) == "-"
+    assert page.pct(0.05) == "5 %" and page.pct(1.0) == "100 %"
     run = _fake_run()
-    text = rep.format_quality(run, command="mmtok testbed report fake", plot="quality.png")
+    text = page.format_quality(run, command="mmtok testbed report fake", plot="quality.png")
     assert "**70.0 %**" in text and "chance: 25.0 %" in text and "= 40 items" in text
     assert "Rerun: `mmtok testbed report fake`" in text and "](quality.png)" in text
     summary = {r[0]: r[2:] for r in _table_rows(text, "## % of full accuracy")}
@@ -151,7 +152,7 @@ def test_percent_of_full_and_the_random_check_on_known_numbers():
     assert fam["full (identity @ 100 %)"] == ["80.0", "60.0", "100.0", "40.0", "70.0"]
     assert fam["random"] == ["60.0", "50.0", "80.0", "20.0", "52.5"]
     assert fam["chance"] == ["25.0"] * 5
-    lost, drops = rep.random_check(run)
+    lost, drops = page.random_check(run)
     assert lost == ["a", "c", "d"] and drops == pytest.approx({"a": 20.0, "b": 10.0, "c": 20.0, "d": 20.0})
     assert "**3 of 4** families (a, c, d): **met**" in text
     check = _table_rows(text, "## Check:")
@@ -161,18 +162,18 @@ def test_percent_of_full_and_the_random_check_on_known_numbers():
 
 def test_the_page_names_each_media_size_of_a_mixed_model():
     run = _fake_run()
-    assert "(Fake, 100 visual tokens per item)" in rep.format_quality(run)
+    assert "(Fake, 100 visual tokens per item)" in page.format_quality(run)
     run.reference.visual_before[:] = [256] * 30 + [1152] * 10  # 30 images, 10 videos
-    assert "(Fake, 256 to 1152 (mean 480) visual tokens per item)" in rep.format_quality(run)
+    assert "(Fake, 256 to 1152 (mean 480) visual tokens per item)" in page.format_quality(run)
 
 
 def test_random_check_not_met_and_not_computed():
     run = _fake_run()
     run.reports[("random", 0.1)] = _report("random", 0.1, {"a": 6, "b": 6, "c": 10, "d": 4}, 10)  # only a drops 20
-    assert "**1 of 4** families (a): **NOT met**" in rep.format_quality(run)
+    assert "**1 of 4** families (a): **NOT met**" in page.format_quality(run)
     missing = _fake_run(with_random_10=False)
-    assert rep.random_check(missing) is None
-    assert "Not computed: `random` at 10 % was not run." in rep.format_quality(missing)
+    assert page.random_check(missing) is None
+    assert "Not computed: `random` at 10 % was not run." in page.format_quality(missing)
 
 
 # ---------------------------------------------------------------------- resume, atomic writes, the plot
@@ -216,7 +217,7 @@ def test_resume_skips_finished_cells(tiny, tmp_path, monkeypatch):
 
 def test_write_is_atomic_and_the_plot_is_a_png(tmp_path, monkeypatch):
     out = tmp_path / "docs" / "quality.md"
-    md, png = rep.write_quality(_fake_run(), out, command="cmd")
+    md, png = page.write_quality(_fake_run(), out, command="cmd")
     assert md == out and png == tmp_path / "docs" / "quality.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
     from PIL import Image
@@ -230,9 +231,9 @@ def test_write_is_atomic_and_the_plot_is_a_png(tmp_path, monkeypatch):
         open(path, "wb").write(PNG_MAGIC)  # half a file, then the failure
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(rep, "plot_quality", broken)
+    monkeypatch.setattr(page, "plot_quality", broken)
     with pytest.raises(RuntimeError, match="plot failed"):
-        rep.write_quality(_fake_run(with_random_10=False), out)
+        page.write_quality(_fake_run(with_random_10=False), out)
     assert md.read_text() == old_md and png.read_bytes() == old_png
     assert sorted(p.name for p in out.parent.iterdir()) == ["quality.md", "quality.png"]
 

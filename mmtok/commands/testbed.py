@@ -261,7 +261,8 @@ def run_report(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mmtok.testbed.report import quality_report, write_quality
+    from mmtok.testbed.quality_page import write_quality
+    from mmtok.testbed.report import quality_report
 
     if args.threads is not None:
         if args.threads < 1:
