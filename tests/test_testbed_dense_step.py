@@ -154,3 +154,58 @@ def test_a_step_with_every_video_read_out_logs_each_term(tmp_path) -> None:
     logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     terms = logged["dense_terms"]
     assert {"time", "motion", "appearance"} <= set(terms) and terms["appearance"] > 0
+
+
+def test_attention_supervision_on_several_layers_adds_each_layers_rows(mixed) -> None:
+    from mmtok.testbed.attention_rows import answer_query_positions, query_rows
+    from mmtok.testbed.dense import attention_terms
+    from mmtok.testbed.media_grid import grid_inputs
+
+    _, batch, labels, _, yes_no, *_ = mixed
+    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
+    model = model.eval()
+    image = split_by_medium(model, batch)[0]
+    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
+                                  IMAGE_HEADS)}
+    with torch.no_grad():
+        one = {layer: dense_parts(model, image, labels, probes, yes_no, attend=True, attention_layers=(layer,))
+               for layer in (1, 2)}
+        both = dense_parts(model, image, labels, probes, yes_no, attend=True, attention_layers=(1, 2))
+        # layer 2's rows computed by hand: its head 0 at the answer positions, over the image's key cells
+        grid = grid_inputs(model, image, None)
+        answers = grid.inputs.pop("labels")
+        with grid.capturing(), query_rows(model, 2, answer_query_positions(answers)) as rows:
+            model(**grid.inputs)
+        flags = grid.per_row({"image": labels["image"][..., -2:]})
+        by_hand, count = attention_terms(rows, answers, grid.cells, flags[..., 0], flags[..., 1])
+    assert one[1].attention_count == one[2].attention_count == count == 2  # both images' answers have key cells
+    assert torch.allclose(one[2].attention_sum, by_hand, atol=1e-5)
+    assert not torch.allclose(one[1].attention_sum, one[2].attention_sum)  # another layer's head, another loss
+    assert both.attention_count == 4
+    assert torch.allclose(both.attention_sum, one[1].attention_sum + one[2].attention_sum, atol=1e-5)
+    assert torch.allclose(both.answer_sum, one[1].answer_sum) and torch.allclose(both.probe, one[1].probe)
+
+
+@pytest.mark.parametrize("layers, weight, match", [([1, 3], 1.0, r"reads layer\(s\) \[1, 3\]"),
+                                                   ([1, 2], 0.0, "use it with attention_weight"),
+                                                   ([2, 2], 1.0, "distinct"),
+                                                   ([-1], 1.0, "distinct layer indices >= 0")])
+def test_attention_layers_must_exist_and_need_the_supervision(tmp_path, layers, weight, match) -> None:
+    from mmtok.testbed.train import train
+
+    with pytest.raises(ValueError, match=match):
+        train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, dense_weight=1.0, attention_weight=weight,
+              attention_layers=layers, work_dir=tmp_path, eval_every=0, log=lambda s: None)
+
+
+def test_a_step_supervising_two_layers_records_them_and_the_default_leaves_no_key(tmp_path) -> None:
+    from mmtok.testbed.train import train
+
+    torch.set_num_threads(1)
+    args = {"size": DEEPER, "steps": 1, "batch_size": 2, "lr": 1e-4, "warmup": 0, "dense_weight": 1.0,
+            "modalities": ["image"], "eval_every": 0, "log": lambda s: None}
+    two = train("testbed-qwen2vl", attention_layers=[2, 1], work_dir=tmp_path / "two", **args)
+    default = train("testbed-qwen2vl", attention_layers=[1], work_dir=tmp_path / "one", **args)
+    assert two["settings"]["attention_layers"] == [1, 2] and "attention_layers" not in default["settings"]
+    assert two["losses"] == default["losses"]  # the first step's answer loss: the same weights and batch
+    assert two["dense_losses"] != default["dense_losses"]

@@ -23,6 +23,14 @@ def _budget(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"budget must be an int (tokens) or a float in (0, 1], got {text!r}") from None
 
 
+def _layers(text: str) -> list[int]:
+    """``"1,2"`` -> ``[1, 2]``."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must be comma-separated integers (e.g. 1,2), got {text!r}") from None
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``mmtok testbed train | export | eval | report``."""
     p = sub.add_parser("testbed", help="train, export and evaluate the offline testbed models")
@@ -84,6 +92,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--appearance-layer", type=int, default=1,
                    help="after which language-model layer the appearance read-out reads (default 1: with the other "
                         "read-outs; 2: the first layer finds where each appearance starts, the second counts them)")
+    t.add_argument("--attention-layers", type=_layers, default=None, metavar="L[,L...]",
+                   help="language-model layers whose head 0 the attention supervision trains (default 1, the "
+                        "second; e.g. 1,2 adds the third, where a relation's two named objects can be told from "
+                        "their colour-shape swaps)")
     t.add_argument("--position-ramp", action="store_true",
                    help="train the image tokens' top / bottom and left / right read-outs toward each cell's place "
                         "along the axis, not its half (mmtok.testbed.dense.position_ramp; for 'which is further "
@@ -158,7 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
           distill_from=args.distill_from, distill_weight=args.distill_weight, modalities=args.modalities,
           position_homotopy=args.position_homotopy, time_weight=args.time_weight,
           motion_weight=args.motion_weight, appearance_weight=args.appearance_weight,
-          appearance_layer=args.appearance_layer,
+          appearance_layer=args.appearance_layer, attention_layers=args.attention_layers,
           balanced_probe=args.balanced_probe, position_ramp=args.position_ramp,
           family_mix=parse_mix(args.family_mix) if args.family_mix else None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))

@@ -117,7 +117,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                 keep: torch.Tensor | None = None,
                 positions: Callable[[dict[str, Any]], None] | None = None,
                 time: Sequence[int] | None = None, motion: Sequence[int] | None = None,
-                appearance: Sequence[int] | None = None, appearance_layer: int = RELEVANCE_LAYER) -> DenseParts:
+                appearance: Sequence[int] | None = None, appearance_layer: int = RELEVANCE_LAYER,
+                attention_layers: Sequence[int] = (ATTEND_LAYER,)) -> DenseParts:
     """One forward pass of ``batch`` with the dense supervision's read-outs.
 
     Args:
@@ -127,7 +128,7 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
             media this batch holds are used.
         probes: per medium, its :class:`~mmtok.testbed.dense.DenseProbe`.
         yes_no: token ids of "yes" and "no" (the relevance marks).
-        attend: compute the attention supervision (head 0 of layer :data:`ATTEND_LAYER`).
+        attend: compute the attention supervision (head 0 of each of ``attention_layers``).
         keep: ``[n_images, N]`` the image tokens kept by the curriculum (Llava only), or None.
         positions: edits the built inputs in place before the forward pass (the position homotopy).
         time: the :func:`~mmtok.testbed.dense_video.time_words` when video tokens are trained to name their
@@ -140,13 +141,16 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
         appearance_layer: after which layer the appearance read-out reads the object tokens (1: with the
             other read-outs; 2: one layer later, so that the first layer can mark where each appearance
             starts and the second count the starts; the answer then reads the count in the third).
+        attention_layers: the language-model layers whose head 0 the attention supervision trains
+            (:data:`ATTEND_LAYER` by default); with several, the term is the mean over rows and layers.
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
         positions(grid.inputs)
     answers = grid.inputs.pop("labels")  # the loss is computed here, as a sum (see pool)
     with grid.capturing(), ExitStack() as stack:
-        rows = stack.enter_context(query_rows(model, ATTEND_LAYER, answer_query_positions(answers))) if attend else None
+        positions = answer_query_positions(answers) if attend else None
+        layer_rows = [stack.enter_context(query_rows(model, layer, positions)) for layer in attention_layers] if attend else []
         outputs = model(**grid.inputs, output_hidden_states=True)
     targets = answers[:, 1:]
     answer_count = int((targets != IGNORE).sum())
@@ -158,8 +162,10 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     probe = sum(probes[m](grid.tokens[m], labels[m]) for m in grid.tokens)
     flags = grid.per_row({m: labels[m][..., -2:] for m in grid.tokens})
     relevance_sums, relevance_counts = relevance_terms(lens, grid.cells, flags[..., 0], *yes_no)
-    attention_sum, attention_count = (attention_terms(rows, answers, grid.cells, flags[..., 0], flags[..., 1])
-                                      if attend else (answer_sum.new_zeros(()), 0))
+    attention_sum, attention_count = answer_sum.new_zeros(()), 0
+    for rows in layer_rows:
+        layer_sum, layer_count = attention_terms(rows, answers, grid.cells, flags[..., 0], flags[..., 1])
+        attention_sum, attention_count = attention_sum + layer_sum, attention_count + layer_count
     time_sum, time_count = (time_terms(lens, grid.cells, grid.rows["video"], time)
                             if time is not None and "video" in grid.rows else (answer_sum.new_zeros(()), 0))
     motion_sums, motion_counts = answer_sum.new_zeros(2), torch.zeros(2, dtype=torch.long, device=answer_sum.device)

@@ -30,7 +30,7 @@ from mmtok.testbed.data import dataset, families
 from mmtok.testbed.data.images import CELL
 from mmtok.testbed.dense import batch_labels
 from mmtok.testbed.dense_audio import audio_batch_labels
-from mmtok.testbed.dense_step import ATTEND_LAYER, dense_parts, pool, split_by_medium
+from mmtok.testbed.dense_step import dense_parts, pool, split_by_medium
 from mmtok.testbed.dense_video import video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
 from mmtok.testbed.family_mix import mixed_items
@@ -149,6 +149,7 @@ def train(
     motion_weight: float = 0.0,
     appearance_weight: float = 0.0,
     appearance_layer: int = 1,
+    attention_layers: Sequence[int] | None = None,
     balanced_probe: bool = False,
     position_ramp: bool = False,
     family_mix: dict[str, int] | None = None,
@@ -222,6 +223,10 @@ def train(
         appearance_layer: after which language-model layer the appearance read-out reads (1, default: with
             the other read-outs; 2: one layer later, leaving the first layer to find where each appearance
             starts and the second to count the starts); at most the last layer but one.
+        attention_layers: the language-model layers whose head 0 the attention supervision trains (None:
+            :data:`mmtok.testbed.dense_step.ATTEND_LAYER`, the second); with several, the attention term is the
+            mean over rows and layers. A later layer can answer what needs two layers of question reading
+            first (a relation's two named colour-shape pairs).
         balanced_probe: the read-outs of the media tokens take each head's class-balanced mean
             (:class:`mmtok.testbed.dense.DenseProbe`, for rare classes such as an audio clip's chirp
             tokens); False (default): the mean over tokens.
@@ -248,7 +253,8 @@ def train(
         attention_weight=attention_weight, position_code=position_code, init_lm_from=init_lm_from,
         distill_from=distill_from, distill_weight=distill_weight, modalities=modalities,
         position_homotopy=position_homotopy, time_weight=time_weight, motion_weight=motion_weight,
-        appearance_weight=appearance_weight, appearance_layer=appearance_layer, balanced_probe=balanced_probe,
+        appearance_weight=appearance_weight, appearance_layer=appearance_layer, attention_layers=attention_layers,
+        balanced_probe=balanced_probe,
         position_ramp=position_ramp, family_mix=family_mix)
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
@@ -280,9 +286,6 @@ def train(
         sched.load_state_dict(state["sched"])
         history, start_step = state["history"], state["step"]
         log(f"resumed {name} at step {start_step} from {ckpt}")
-    if settings["attention_weight"] > 0 and model.config.text_config.num_hidden_layers <= ATTEND_LAYER:
-        raise ValueError(f"attention supervision reads layer {ATTEND_LAYER}; this language model has "
-                         f"{model.config.text_config.num_hidden_layers} layer(s): use attention_weight=0")
     heldout = heldout_items(spec, eval_n, seed) if eval_every or out else []
     logf = (work / "log.jsonl").open("a")
     t0 = time.perf_counter() - history["seconds"]
@@ -391,7 +394,7 @@ def _step_losses(model: Any, batch: dict[str, Any], step: int, settings: dict[st
     blend = partial(_blend_positions, model, step=step, settings=settings)
     parts = [dense_parts(model, sub, labels, read_outs.probes, read_outs.yes_no, settings["attention_weight"] > 0,
                          keep, blend, read_outs.time, read_outs.motion, read_outs.appearance,
-                         read_outs.appearance_layer)
+                         read_outs.appearance_layer, read_outs.attention_layers)
              for sub in split_by_medium(model, batch)]
     loss, dense, terms = pool(parts, settings["attention_weight"], settings.get("time_weight", 0.0),
                               settings.get("motion_weight", 0.0), settings.get("appearance_weight", 0.0))

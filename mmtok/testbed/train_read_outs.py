@@ -14,6 +14,7 @@ from typing import Any
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import IMAGE_HEADS, IMAGE_RAMPS, VISUAL_HEADS, DenseProbe, class_word_ids
 from mmtok.testbed.dense_audio import AUDIO_HEADS
+from mmtok.testbed.dense_step import ATTEND_LAYER
 from mmtok.testbed.dense_video import appearance_words, motion_words, time_words
 from mmtok.testbed.media_grid import model_kind, tokens_per_side
 from mmtok.testbed.models import TestbedSpec
@@ -32,6 +33,7 @@ class ReadOuts:
         yes_no: token ids of "yes" and "no" (the relevance marks); None without probes.
         time: token ids of the time read-out's words; None when it is off (so too ``motion``, ``appearance``).
         appearance_layer: after which language-model layer the appearance read-out reads.
+        attention_layers: the language-model layers whose head 0 the attention supervision trains.
     """
 
     probes: dict[str, DenseProbe] = field(default_factory=dict)
@@ -40,6 +42,7 @@ class ReadOuts:
     motion: list[int] | None = None
     appearance: list[int] | None = None
     appearance_layer: int = 1
+    attention_layers: tuple[int, ...] = (ATTEND_LAYER,)
 
 
 def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict[str, Any], on_grid: bool,
@@ -56,11 +59,16 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
 
     Raises:
         ValueError: the dense probe off the layout grid, the curriculum on a model other than Llava, the
-            position ramp or a video read-out without the dense probe (or without images, videos), or an
-            appearance layer no later layer can read.
+            position ramp or a video read-out without the dense probe (or without images, videos), an
+            appearance layer no later layer can read, or attention supervision on a layer the model lacks.
     """
     media = settings.get("modalities", spec.modalities)
-    read_outs = ReadOuts(appearance_layer=settings.get("appearance_layer", 1))
+    read_outs = ReadOuts(appearance_layer=settings.get("appearance_layer", 1),
+                         attention_layers=tuple(settings.get("attention_layers", (ATTEND_LAYER,))))
+    layers = model.config.text_config.num_hidden_layers
+    if settings["attention_weight"] > 0 and max(read_outs.attention_layers) >= layers:
+        raise ValueError(f"attention supervision reads layer(s) {list(read_outs.attention_layers)}; this language "
+                         f"model has {layers} layer(s): use attention_weight=0 or layers below {layers}")
     if settings["dense_weight"] > 0:
         if not on_grid:
             raise ValueError(f"the dense probe needs one image token per layout cell of the scenes ({IMAGE_SIZE} px "
@@ -88,7 +96,6 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
         read_outs.motion = motion_words(processor.tokenizer)
     if settings.get("appearance_weight"):
         read_outs.appearance = appearance_words(processor.tokenizer)
-        layers = model.config.text_config.num_hidden_layers
         if not 1 <= read_outs.appearance_layer < layers:
             raise ValueError(f"appearance_layer must be 1 to {layers - 1} (a later layer must read it), "
                              f"got {read_outs.appearance_layer}")

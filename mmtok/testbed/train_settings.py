@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtok.testbed.card import stage
+from mmtok.testbed.dense_step import ATTEND_LAYER
 from mmtok.testbed.family_mix import check_mix, items_after
 from mmtok.testbed.models import TestbedSpec
 from mmtok.testbed.position_homotopy import homotopy_weight
@@ -45,6 +46,7 @@ def run_settings(
     motion_weight: float,
     appearance_weight: float,
     appearance_layer: int,
+    attention_layers: Sequence[int] | None,
     balanced_probe: bool,
     position_ramp: bool,
     family_mix: dict[str, int] | None,
@@ -59,7 +61,8 @@ def run_settings(
         ``init_from`` is given, else None.
 
     Raises:
-        ValueError: an invalid homotopy share, family mix or appearance layer without its read-out, modalities
+        ValueError: an invalid homotopy share, family mix, attention layers or appearance layer without its
+            read-out, modalities
             the spec lacks, or the position ramp or distillation without image batches.
     """
     d = spec.train_defaults
@@ -88,6 +91,11 @@ def run_settings(
         settings["appearance_weight"] = float(appearance_weight)
         if appearance_layer != 1:  # absent at the first layer, as before the option existed
             settings["appearance_layer"] = int(appearance_layer)
+    if attention_layers is not None and list(attention_layers) != [ATTEND_LAYER]:
+        layers = sorted({int(x) for x in attention_layers})
+        if not layers or layers[0] < 0 or len(layers) != len(attention_layers):
+            raise ValueError(f"attention_layers must list distinct layer indices >= 0, got {list(attention_layers)}")
+        settings["attention_layers"] = layers  # absent at the default layer: earlier runs' settings still resume
     if balanced_probe:
         settings["balanced_probe"] = True
     if position_ramp:
@@ -126,8 +134,8 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
     start does not take it by default.
 
     Raises:
-        ValueError: attention supervision or the curriculum without the dense probe, or non-positive steps or
-            batch size.
+        ValueError: attention supervision or the curriculum without the dense probe, attention layers without
+            attention supervision, or non-positive steps or batch size.
     """
     d = spec.train_defaults
     shipped = settings["size"] == "full" and on_grid
@@ -138,6 +146,8 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
         settings["curriculum"] = d.get("curriculum", 0.0) if fresh else 0.0
     if settings["attention_weight"] is None:
         settings["attention_weight"] = d.get("attention_weight", 0.0) if settings["dense_weight"] > 0 else 0.0
+    if "attention_layers" in settings and settings["attention_weight"] <= 0:
+        raise ValueError("attention_layers places the attention supervision: use it with attention_weight > 0")
     if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
         raise ValueError("attention supervision needs the key cells of the dense labels: use dense_weight > 0")
     if settings["curriculum"] > 0 and settings["dense_weight"] <= 0:
