@@ -209,3 +209,52 @@ def test_a_step_supervising_two_layers_records_them_and_the_default_leaves_no_ke
     assert two["settings"]["attention_layers"] == [1, 2] and "attention_layers" not in default["settings"]
     assert two["losses"] == default["losses"]  # the first step's answer loss: the same weights and batch
     assert two["dense_losses"] != default["dense_losses"]
+
+
+def test_relevance_marks_read_after_several_layers_add_each_layers_terms(mixed) -> None:
+    from mmtok.testbed.dense import relevance_terms
+    from mmtok.testbed.media_grid import grid_inputs
+
+    _, batch, labels, _, yes_no, *_ = mixed
+    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
+    model = model.eval()
+    image = split_by_medium(model, batch)[0]
+    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
+                                  IMAGE_HEADS)}
+    with torch.no_grad():
+        first = dense_parts(model, image, labels, probes, yes_no, attend=False)
+        both = dense_parts(model, image, labels, probes, yes_no, attend=False, relevance_layers=(1, 2))
+        grid = grid_inputs(model, image, None)
+        grid.inputs.pop("labels")
+        with grid.capturing():
+            states = model(**grid.inputs, output_hidden_states=True).hidden_states
+        lens = model.lm_head(model.model.language_model.norm(states[2]))  # the marks after the second layer
+        flags = grid.per_row({"image": labels["image"][..., -2:]})
+        sums, counts = relevance_terms(lens, grid.cells, flags[..., 0], *yes_no)
+    assert torch.equal(both.relevance_counts, 2 * first.relevance_counts)
+    assert torch.allclose(both.relevance_sums, first.relevance_sums + sums, atol=1e-4)
+    assert not torch.allclose(sums, first.relevance_sums)
+
+
+@pytest.mark.parametrize("layers, dense, match", [([1, 3], 1.0, r"relevance_layers must be 1 to 2 .*got \[1, 3\]"),
+                                                  ([0, 1], 1.0, "relevance_layers must be 1 to 2"),
+                                                  ([1, 1], 1.0, "distinct"),
+                                                  ([1, 2], 0.0, "use it with dense_weight")])
+def test_relevance_layers_must_be_readable(tmp_path, layers, dense, match) -> None:
+    from mmtok.testbed.train import train
+
+    with pytest.raises(ValueError, match=match):
+        train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, dense_weight=dense, attention_weight=0.0,
+              relevance_layers=layers, work_dir=tmp_path, eval_every=0, log=lambda s: None)
+
+
+def test_a_step_with_marks_after_two_layers_records_them(tmp_path) -> None:
+    from mmtok.testbed.train import train
+
+    torch.set_num_threads(1)
+    args = {"size": DEEPER, "steps": 1, "batch_size": 2, "lr": 1e-4, "warmup": 0, "dense_weight": 1.0,
+            "modalities": ["image"], "eval_every": 0, "log": lambda s: None}
+    two = train("testbed-qwen2vl", relevance_layers=[2, 1], work_dir=tmp_path / "two", **args)
+    default = train("testbed-qwen2vl", relevance_layers=[1], work_dir=tmp_path / "one", **args)
+    assert two["settings"]["relevance_layers"] == [1, 2] and "relevance_layers" not in default["settings"]
+    assert two["losses"] == default["losses"] and two["dense_losses"] != default["dense_losses"]

@@ -128,3 +128,4 @@ def test_stage_table_names_what_each_stage_took_from_elsewhere():
     assert later == "video appearance read-out (weight 1.0, after layer 2)"
     assert stage_sources({**base, "position_ramp": True, "family_mix": {"relation": 3}}) \
         == "position ramp; family mix relation=3"
+    assert stage_sources({**base, "attention_layers": [1, 2]}) == "attention supervision on layers 1 and 2"

@@ -9,7 +9,7 @@ OFF = {"steps": None, "batch_size": None, "lr": None, "warmup": None, "weight_de
        "dense_weight": None, "curriculum": None, "attention_weight": None, "position_code": None,
        "init_lm_from": None, "distill_from": None, "distill_weight": 1.0, "modalities": None,
        "position_homotopy": 0.0, "time_weight": 0.0, "motion_weight": 0.0, "appearance_weight": 0.0,
-       "appearance_layer": 1, "attention_layers": None, "balanced_probe": False, "position_ramp": False, "family_mix": None}
+       "appearance_layer": 1, "attention_layers": None, "relevance_layers": None, "balanced_probe": False, "position_ramp": False, "family_mix": None}
 
 
 def _settings(name="testbed-llava", size="full", on_grid=True, **changes):

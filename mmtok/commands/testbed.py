@@ -96,6 +96,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="language-model layers whose head 0 the attention supervision trains (default 1, the "
                         "second; e.g. 1,2 adds the third, where a relation's two named objects can be told from "
                         "their colour-shape swaps)")
+    t.add_argument("--relevance-layers", type=_layers, default=None, metavar="L[,L...]",
+                   help="after which language-model layers the relevance marks are read (default 1; e.g. 1,2 adds "
+                        "marks after the second layer, which can tell a named object from a colour-shape swap)")
     t.add_argument("--position-ramp", action="store_true",
                    help="train the image tokens' top / bottom and left / right read-outs toward each cell's place "
                         "along the axis, not its half (mmtok.testbed.dense.position_ramp; for 'which is further "
@@ -171,6 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
           position_homotopy=args.position_homotopy, time_weight=args.time_weight,
           motion_weight=args.motion_weight, appearance_weight=args.appearance_weight,
           appearance_layer=args.appearance_layer, attention_layers=args.attention_layers,
+          relevance_layers=args.relevance_layers,
           balanced_probe=args.balanced_probe, position_ramp=args.position_ramp,
           family_mix=parse_mix(args.family_mix) if args.family_mix else None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))

@@ -89,6 +89,10 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
            if settings.get("appearance_weight") else "")
         + (", class-balanced read-outs (`--balanced-probe`)" if settings.get("balanced_probe") else "")
         + (", image half read-outs on the position ramp (`--position-ramp`)" if settings.get("position_ramp") else "")
+        + (f", attention supervision on layers {_layers(settings['attention_layers'])} (`--attention-layers "
+           f"{','.join(map(str, settings['attention_layers']))}`)" if settings.get("attention_layers") else "")
+        + (f", relevance marks after layers {_layers(settings['relevance_layers'])} (`--relevance-layers "
+           f"{','.join(map(str, settings['relevance_layers']))}`)" if settings.get("relevance_layers") else "")
         + (f", family mix (`--family-mix {mix_text(settings['family_mix'])}`)" if settings.get("family_mix") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
@@ -122,12 +126,18 @@ STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attent
 # Settings a stage has only when it used them; the card's "sources" column names them.
 SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
                "motion_weight", "appearance_weight", "appearance_layer", "balanced_probe", "position_ramp",
-               "family_mix")
+               "attention_layers", "relevance_layers", "family_mix")
 
 
 def mix_text(mix: dict[str, int]) -> str:
     """A family mix as the ``--family-mix`` flag spells it (``direction=3,flash_count=2``)."""
     return ",".join(f"{name}={weight}" for name, weight in mix.items())
+
+
+def _layers(layers: list[int]) -> str:
+    """``[1, 2]`` -> ``"1 and 2"``."""
+    names = [str(x) for x in layers]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def stage_sources(settings: dict[str, Any]) -> str:
@@ -152,6 +162,10 @@ def stage_sources(settings: dict[str, Any]) -> str:
         parts.append("class-balanced read-outs")
     if settings.get("position_ramp"):
         parts.append("position ramp")
+    if settings.get("attention_layers"):
+        parts.append(f"attention supervision on layers {_layers(settings['attention_layers'])}")
+    if settings.get("relevance_layers"):
+        parts.append(f"relevance marks after layers {_layers(settings['relevance_layers'])}")
     if settings.get("family_mix"):
         parts.append(f"family mix {mix_text(settings['family_mix'])}")
     return "; ".join(parts) or "-"

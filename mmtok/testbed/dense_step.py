@@ -118,7 +118,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                 positions: Callable[[dict[str, Any]], None] | None = None,
                 time: Sequence[int] | None = None, motion: Sequence[int] | None = None,
                 appearance: Sequence[int] | None = None, appearance_layer: int = RELEVANCE_LAYER,
-                attention_layers: Sequence[int] = (ATTEND_LAYER,)) -> DenseParts:
+                attention_layers: Sequence[int] = (ATTEND_LAYER,),
+                relevance_layers: Sequence[int] = (RELEVANCE_LAYER,)) -> DenseParts:
     """One forward pass of ``batch`` with the dense supervision's read-outs.
 
     Args:
@@ -143,6 +144,9 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
             starts and the second count the starts; the answer then reads the count in the third).
         attention_layers: the language-model layers whose head 0 the attention supervision trains
             (:data:`ATTEND_LAYER` by default); with several, the term is the mean over rows and layers.
+        relevance_layers: after which layers the relevance marks are read (:data:`RELEVANCE_LAYER` by
+            default; the time, motion and appearance read-outs stay after theirs); with several, each layer's
+            sums and counts add.
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
@@ -161,7 +165,11 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     # Targets: the probe heads' columns first, then the key flag and the answer-word order.
     probe = sum(probes[m](grid.tokens[m], labels[m]) for m in grid.tokens)
     flags = grid.per_row({m: labels[m][..., -2:] for m in grid.tokens})
-    relevance_sums, relevance_counts = relevance_terms(lens, grid.cells, flags[..., 0], *yes_no)
+    relevance_sums, relevance_counts = 0, 0
+    for layer in relevance_layers:
+        read = lens if layer == RELEVANCE_LAYER else layer_logits(model, outputs.hidden_states, layer)
+        layer_sums, layer_counts = relevance_terms(read, grid.cells, flags[..., 0], *yes_no)
+        relevance_sums, relevance_counts = relevance_sums + layer_sums, relevance_counts + layer_counts
     attention_sum, attention_count = answer_sum.new_zeros(()), 0
     for rows in layer_rows:
         layer_sum, layer_count = attention_terms(rows, answers, grid.cells, flags[..., 0], flags[..., 1])

@@ -150,6 +150,7 @@ def train(
     appearance_weight: float = 0.0,
     appearance_layer: int = 1,
     attention_layers: Sequence[int] | None = None,
+    relevance_layers: Sequence[int] | None = None,
     balanced_probe: bool = False,
     position_ramp: bool = False,
     family_mix: dict[str, int] | None = None,
@@ -227,6 +228,10 @@ def train(
             :data:`mmtok.testbed.dense_step.ATTEND_LAYER`, the second); with several, the attention term is the
             mean over rows and layers. A later layer can answer what needs two layers of question reading
             first (a relation's two named colour-shape pairs).
+        relevance_layers: after which language-model layers the relevance marks are read (None:
+            :data:`mmtok.testbed.dense_step.RELEVANCE_LAYER`, the first); each layer's marks add to the
+            relevance term. Marks read after the second layer can depend on the question's word pairs (the
+            first layer can only match single words), which the third layer's attention then reads.
         balanced_probe: the read-outs of the media tokens take each head's class-balanced mean
             (:class:`mmtok.testbed.dense.DenseProbe`, for rare classes such as an audio clip's chirp
             tokens); False (default): the mean over tokens.
@@ -254,7 +259,7 @@ def train(
         distill_from=distill_from, distill_weight=distill_weight, modalities=modalities,
         position_homotopy=position_homotopy, time_weight=time_weight, motion_weight=motion_weight,
         appearance_weight=appearance_weight, appearance_layer=appearance_layer, attention_layers=attention_layers,
-        balanced_probe=balanced_probe,
+        relevance_layers=relevance_layers, balanced_probe=balanced_probe,
         position_ramp=position_ramp, family_mix=family_mix)
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
@@ -394,7 +399,7 @@ def _step_losses(model: Any, batch: dict[str, Any], step: int, settings: dict[st
     blend = partial(_blend_positions, model, step=step, settings=settings)
     parts = [dense_parts(model, sub, labels, read_outs.probes, read_outs.yes_no, settings["attention_weight"] > 0,
                          keep, blend, read_outs.time, read_outs.motion, read_outs.appearance,
-                         read_outs.appearance_layer, read_outs.attention_layers)
+                         read_outs.appearance_layer, read_outs.attention_layers, read_outs.relevance_layers)
              for sub in split_by_medium(model, batch)]
     loss, dense, terms = pool(parts, settings["attention_weight"], settings.get("time_weight", 0.0),
                               settings.get("motion_weight", 0.0), settings.get("appearance_weight", 0.0))

@@ -14,7 +14,7 @@ from typing import Any
 from mmtok.testbed.data.images import CELL, IMAGE_SIZE
 from mmtok.testbed.dense import IMAGE_HEADS, IMAGE_RAMPS, VISUAL_HEADS, DenseProbe, class_word_ids
 from mmtok.testbed.dense_audio import AUDIO_HEADS
-from mmtok.testbed.dense_step import ATTEND_LAYER
+from mmtok.testbed.dense_step import ATTEND_LAYER, RELEVANCE_LAYER
 from mmtok.testbed.dense_video import appearance_words, motion_words, time_words
 from mmtok.testbed.media_grid import model_kind, tokens_per_side
 from mmtok.testbed.models import TestbedSpec
@@ -34,6 +34,7 @@ class ReadOuts:
         time: token ids of the time read-out's words; None when it is off (so too ``motion``, ``appearance``).
         appearance_layer: after which language-model layer the appearance read-out reads.
         attention_layers: the language-model layers whose head 0 the attention supervision trains.
+        relevance_layers: after which language-model layers the relevance marks are read.
     """
 
     probes: dict[str, DenseProbe] = field(default_factory=dict)
@@ -43,6 +44,7 @@ class ReadOuts:
     appearance: list[int] | None = None
     appearance_layer: int = 1
     attention_layers: tuple[int, ...] = (ATTEND_LAYER,)
+    relevance_layers: tuple[int, ...] = (RELEVANCE_LAYER,)
 
 
 def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict[str, Any], on_grid: bool,
@@ -60,11 +62,13 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
     Raises:
         ValueError: the dense probe off the layout grid, the curriculum on a model other than Llava, the
             position ramp or a video read-out without the dense probe (or without images, videos), an
-            appearance layer no later layer can read, or attention supervision on a layer the model lacks.
+            appearance or relevance layer no later layer can read, or attention supervision on a layer the
+            model lacks.
     """
     media = settings.get("modalities", spec.modalities)
     read_outs = ReadOuts(appearance_layer=settings.get("appearance_layer", 1),
-                         attention_layers=tuple(settings.get("attention_layers", (ATTEND_LAYER,))))
+                         attention_layers=tuple(settings.get("attention_layers", (ATTEND_LAYER,))),
+                         relevance_layers=tuple(settings.get("relevance_layers", (RELEVANCE_LAYER,))))
     layers = model.config.text_config.num_hidden_layers
     if settings["attention_weight"] > 0 and max(read_outs.attention_layers) >= layers:
         raise ValueError(f"attention supervision reads layer(s) {list(read_outs.attention_layers)}; this language "
@@ -84,6 +88,11 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
                 words, class_word_ids(processor.tokenizer, _HEADS[medium]), _HEADS[medium],
                 balanced=settings.get("balanced_probe", False), ramps=ramps).to(device_of(model))
         read_outs.yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
+    if "relevance_layers" in settings and not read_outs.probes:
+        raise ValueError("relevance_layers places the dense probe's relevance marks: use it with dense_weight > 0")
+    if read_outs.probes and not 1 <= min(read_outs.relevance_layers) <= max(read_outs.relevance_layers) < layers:
+        raise ValueError(f"relevance_layers must be 1 to {layers - 1} (a later layer must read the marks), "
+                         f"got {list(read_outs.relevance_layers)}")
     if settings.get("position_ramp") and not read_outs.probes:
         raise ValueError("the position ramp trains the dense probe's half read-outs: use it with dense_weight > 0")
     for key, name in _VIDEO_READ_OUTS:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtok.testbed.card import stage
-from mmtok.testbed.dense_step import ATTEND_LAYER
+from mmtok.testbed.dense_step import ATTEND_LAYER, RELEVANCE_LAYER
 from mmtok.testbed.family_mix import check_mix, items_after
 from mmtok.testbed.models import TestbedSpec
 from mmtok.testbed.position_homotopy import homotopy_weight
@@ -47,6 +47,7 @@ def run_settings(
     appearance_weight: float,
     appearance_layer: int,
     attention_layers: Sequence[int] | None,
+    relevance_layers: Sequence[int] | None,
     balanced_probe: bool,
     position_ramp: bool,
     family_mix: dict[str, int] | None,
@@ -96,6 +97,11 @@ def run_settings(
         if not layers or layers[0] < 0 or len(layers) != len(attention_layers):
             raise ValueError(f"attention_layers must list distinct layer indices >= 0, got {list(attention_layers)}")
         settings["attention_layers"] = layers  # absent at the default layer: earlier runs' settings still resume
+    if relevance_layers is not None and list(relevance_layers) != [RELEVANCE_LAYER]:
+        layers = sorted({int(x) for x in relevance_layers})
+        if not layers or len(layers) != len(relevance_layers):
+            raise ValueError(f"relevance_layers must list distinct layer indices, got {list(relevance_layers)}")
+        settings["relevance_layers"] = layers
     if balanced_probe:
         settings["balanced_probe"] = True
     if position_ramp:
