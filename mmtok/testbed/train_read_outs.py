@@ -70,9 +70,6 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
                          attention_layers=tuple(settings.get("attention_layers", (ATTEND_LAYER,))),
                          relevance_layers=tuple(settings.get("relevance_layers", (RELEVANCE_LAYER,))))
     layers = model.config.text_config.num_hidden_layers
-    if settings["attention_weight"] > 0 and max(read_outs.attention_layers) >= layers:
-        raise ValueError(f"attention supervision reads layer(s) {list(read_outs.attention_layers)}; this language "
-                         f"model has {layers} layer(s): use attention_weight=0 or layers below {layers}")
     if settings["dense_weight"] > 0:
         if not on_grid:
             raise ValueError(f"the dense probe needs one image token per layout cell of the scenes ({IMAGE_SIZE} px "
@@ -88,9 +85,13 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
                 words, class_word_ids(processor.tokenizer, _HEADS[medium]), _HEADS[medium],
                 balanced=settings.get("balanced_probe", False), ramps=ramps).to(device_of(model))
         read_outs.yes_no = tuple(processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
+    if settings["attention_weight"] > 0 and max(read_outs.attention_layers) >= layers:
+        raise ValueError(f"attention supervision reads layer(s) {list(read_outs.attention_layers)}; this language "
+                         f"model has {layers} layer(s): use attention_weight=0 or layers below {layers}")
     if "relevance_layers" in settings and not read_outs.probes:
         raise ValueError("relevance_layers places the dense probe's relevance marks: use it with dense_weight > 0")
-    if read_outs.probes and not 1 <= min(read_outs.relevance_layers) <= max(read_outs.relevance_layers) < layers:
+    chosen = "relevance_layers" in settings  # the default, after layer 1, stands for any depth as before
+    if chosen and not 1 <= min(read_outs.relevance_layers) <= max(read_outs.relevance_layers) < layers:
         raise ValueError(f"relevance_layers must be 1 to {layers - 1} (a later layer must read the marks), "
                          f"got {list(read_outs.relevance_layers)}")
     if settings.get("position_ramp") and not read_outs.probes:
