@@ -156,17 +156,23 @@ def test_a_step_with_every_video_read_out_logs_each_term(tmp_path) -> None:
     assert {"time", "motion", "appearance"} <= set(terms) and terms["appearance"] > 0
 
 
-def test_attention_supervision_on_several_layers_adds_each_layers_rows(mixed) -> None:
+@pytest.fixture(scope="module")
+def deeper_images(mixed):
+    """A 3-layer language model (read-outs after layers 1 and 2 are both readable), its image rows and probe."""
+    _, batch, labels, _, yes_no, *_ = mixed
+    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
+    model = model.eval()
+    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
+                                  IMAGE_HEADS)}
+    return model, split_by_medium(model, batch)[0], labels, probes, yes_no
+
+
+def test_attention_supervision_on_several_layers_adds_each_layers_rows(deeper_images) -> None:
     from mmtok.testbed.attention_rows import answer_query_positions, query_rows
     from mmtok.testbed.dense import attention_terms
     from mmtok.testbed.media_grid import grid_inputs
 
-    _, batch, labels, _, yes_no, *_ = mixed
-    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
-    model = model.eval()
-    image = split_by_medium(model, batch)[0]
-    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
-                                  IMAGE_HEADS)}
+    model, image, labels, probes, yes_no = deeper_images
     with torch.no_grad():
         one = {layer: dense_parts(model, image, labels, probes, yes_no, attend=True, attention_layers=(layer,))
                for layer in (1, 2)}
@@ -186,41 +192,11 @@ def test_attention_supervision_on_several_layers_adds_each_layers_rows(mixed) ->
     assert torch.allclose(both.answer_sum, one[1].answer_sum) and torch.allclose(both.probe, one[1].probe)
 
 
-@pytest.mark.parametrize("layers, weight, match", [([1, 3], 1.0, r"reads layer\(s\) \[1, 3\]"),
-                                                   ([1, 2], 0.0, "use it with attention_weight"),
-                                                   ([2, 2], 1.0, "distinct"),
-                                                   ([-1], 1.0, "distinct layer indices >= 0")])
-def test_attention_layers_must_exist_and_need_the_supervision(tmp_path, layers, weight, match) -> None:
-    from mmtok.testbed.train import train
-
-    with pytest.raises(ValueError, match=match):
-        train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, dense_weight=1.0, attention_weight=weight,
-              attention_layers=layers, work_dir=tmp_path, eval_every=0, log=lambda s: None)
-
-
-def test_a_step_supervising_two_layers_records_them_and_the_default_leaves_no_key(tmp_path) -> None:
-    from mmtok.testbed.train import train
-
-    torch.set_num_threads(1)
-    args = {"size": DEEPER, "steps": 1, "batch_size": 2, "lr": 1e-4, "warmup": 0, "dense_weight": 1.0,
-            "modalities": ["image"], "eval_every": 0, "log": lambda s: None}
-    two = train("testbed-qwen2vl", attention_layers=[2, 1], work_dir=tmp_path / "two", **args)
-    default = train("testbed-qwen2vl", attention_layers=[1], work_dir=tmp_path / "one", **args)
-    assert two["settings"]["attention_layers"] == [1, 2] and "attention_layers" not in default["settings"]
-    assert two["losses"] == default["losses"]  # the first step's answer loss: the same weights and batch
-    assert two["dense_losses"] != default["dense_losses"]
-
-
-def test_relevance_marks_read_after_several_layers_add_each_layers_terms(mixed) -> None:
+def test_relevance_marks_read_after_several_layers_add_each_layers_terms(deeper_images) -> None:
     from mmtok.testbed.dense import relevance_terms
     from mmtok.testbed.media_grid import grid_inputs
 
-    _, batch, labels, _, yes_no, *_ = mixed
-    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
-    model = model.eval()
-    image = split_by_medium(model, batch)[0]
-    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
-                                  IMAGE_HEADS)}
+    model, image, labels, probes, yes_no = deeper_images
     with torch.no_grad():
         first = dense_parts(model, image, labels, probes, yes_no, attend=False)
         both = dense_parts(model, image, labels, probes, yes_no, attend=False, relevance_layers=(1, 2))
@@ -236,25 +212,33 @@ def test_relevance_marks_read_after_several_layers_add_each_layers_terms(mixed) 
     assert not torch.allclose(sums, first.relevance_sums)
 
 
-@pytest.mark.parametrize("layers, dense, match", [([1, 3], 1.0, r"relevance_layers must be 1 to 2 .*got \[1, 3\]"),
-                                                  ([0, 1], 1.0, "relevance_layers must be 1 to 2"),
-                                                  ([1, 1], 1.0, "distinct"),
-                                                  ([1, 2], 0.0, "use it with dense_weight")])
-def test_relevance_layers_must_be_readable(tmp_path, layers, dense, match) -> None:
+@pytest.mark.parametrize("key, layers, weights, match", [
+    ("attention_layers", [1, 3], {}, r"reads layer\(s\) \[1, 3\]"),
+    ("attention_layers", [1, 2], {"attention_weight": 0.0}, "use it with attention_weight"),
+    ("attention_layers", [2, 2], {}, "distinct"),
+    ("attention_layers", [-1], {}, "distinct layer indices >= 0"),
+    ("relevance_layers", [1, 3], {}, r"relevance_layers must be 1 to 2 .*got \[1, 3\]"),
+    ("relevance_layers", [0, 1], {}, "relevance_layers must list distinct layer indices >= 1"),
+    ("relevance_layers", [1, 1], {}, "distinct"),
+    ("relevance_layers", [1, 2], {"dense_weight": 0.0, "attention_weight": 0.0}, "use it with dense_weight"),
+])
+def test_supervised_layers_must_exist_and_need_their_read_out(tmp_path, key, layers, weights, match) -> None:
     from mmtok.testbed.train import train
 
     with pytest.raises(ValueError, match=match):
-        train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, dense_weight=dense, attention_weight=0.0,
-              relevance_layers=layers, work_dir=tmp_path, eval_every=0, log=lambda s: None)
+        train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, **{"dense_weight": 1.0, **weights},
+              **{key: layers}, work_dir=tmp_path, eval_every=0, log=lambda s: None)
 
 
-def test_a_step_with_marks_after_two_layers_records_them(tmp_path) -> None:
+@pytest.mark.parametrize("key", ["attention_layers", "relevance_layers"])
+def test_a_step_on_two_layers_records_them_and_the_default_leaves_no_key(tmp_path, key) -> None:
     from mmtok.testbed.train import train
 
     torch.set_num_threads(1)
     args = {"size": DEEPER, "steps": 1, "batch_size": 2, "lr": 1e-4, "warmup": 0, "dense_weight": 1.0,
             "modalities": ["image"], "eval_every": 0, "log": lambda s: None}
-    two = train("testbed-qwen2vl", relevance_layers=[2, 1], work_dir=tmp_path / "two", **args)
-    default = train("testbed-qwen2vl", relevance_layers=[1], work_dir=tmp_path / "one", **args)
-    assert two["settings"]["relevance_layers"] == [1, 2] and "relevance_layers" not in default["settings"]
-    assert two["losses"] == default["losses"] and two["dense_losses"] != default["dense_losses"]
+    two = train("testbed-qwen2vl", **{key: [2, 1]}, work_dir=tmp_path / "two", **args)
+    default = train("testbed-qwen2vl", **{key: [1]}, work_dir=tmp_path / "one", **args)
+    assert two["settings"][key] == [1, 2] and key not in default["settings"]
+    assert two["losses"] == default["losses"]  # the first step's answer loss: the same weights and batch
+    assert two["dense_losses"] != default["dense_losses"]

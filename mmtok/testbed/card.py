@@ -89,10 +89,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
            if settings.get("appearance_weight") else "")
         + (", class-balanced read-outs (`--balanced-probe`)" if settings.get("balanced_probe") else "")
         + (", image half read-outs on the position ramp (`--position-ramp`)" if settings.get("position_ramp") else "")
-        + (f", attention supervision on layers {_layers(settings['attention_layers'])} (`--attention-layers "
-           f"{','.join(map(str, settings['attention_layers']))}`)" if settings.get("attention_layers") else "")
-        + (f", relevance marks after layers {_layers(settings['relevance_layers'])} (`--relevance-layers "
-           f"{','.join(map(str, settings['relevance_layers']))}`)" if settings.get("relevance_layers") else "")
+        + _layers_flag(settings, "attention_layers", "attention supervision on layers")
+        + _layers_flag(settings, "relevance_layers", "relevance marks after layers")
         + (f", family mix (`--family-mix {mix_text(settings['family_mix'])}`)" if settings.get("family_mix") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
@@ -138,6 +136,14 @@ def _layers(layers: list[int]) -> str:
     """``[1, 2]`` -> ``"1 and 2"``."""
     names = [str(x) for x in layers]
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _layers_flag(settings: dict[str, Any], key: str, text: str) -> str:
+    """``", TEXT 1 and 2 (`--KEY 1,2`)"`` for the reproduce line, ``""`` when the run left ``key`` at its default."""
+    if not settings.get(key):
+        return ""
+    flag = key.replace("_", "-")
+    return f", {text} {_layers(settings[key])} (`--{flag} {','.join(map(str, settings[key]))}`)"
 
 
 def stage_sources(settings: dict[str, Any]) -> str:

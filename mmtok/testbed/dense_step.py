@@ -153,8 +153,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
         positions(grid.inputs)
     answers = grid.inputs.pop("labels")  # the loss is computed here, as a sum (see pool)
     with grid.capturing(), ExitStack() as stack:
-        positions = answer_query_positions(answers) if attend else None
-        layer_rows = [stack.enter_context(query_rows(model, layer, positions)) for layer in attention_layers] if attend else []
+        queries = answer_query_positions(answers)
+        layer_rows = [stack.enter_context(query_rows(model, layer, queries)) for layer in attention_layers if attend]
         outputs = model(**grid.inputs, output_hidden_states=True)
     targets = answers[:, 1:]
     answer_count = int((targets != IGNORE).sum())

@@ -57,8 +57,9 @@ def relation_swap_split(model: Any, processor: Any, n: int = 200, seed: int = 0,
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     items = [item("image", HELDOUT_SPLIT, i, seed, family="relation", form=form) for i in range(n)]
-    sides = ([it for it in items if swaps(named_pair(it), it.scene["objects"])],
-             [it for it in items if not swaps(named_pair(it), it.scene["objects"])])
+    swapped = [bool(swaps(named_pair(it), it.scene["objects"])) for it in items]
+    sides = ([it for it, s in zip(items, swapped, strict=True) if s],
+             [it for it, s in zip(items, swapped, strict=True) if not s])
     out = []
     for side in sides:
         if side:

@@ -90,8 +90,8 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
                          f"model has {layers} layer(s): use attention_weight=0 or layers below {layers}")
     if "relevance_layers" in settings and not read_outs.probes:
         raise ValueError("relevance_layers places the dense probe's relevance marks: use it with dense_weight > 0")
-    chosen = "relevance_layers" in settings  # the default, after layer 1, stands for any depth as before
-    if chosen and not 1 <= min(read_outs.relevance_layers) <= max(read_outs.relevance_layers) < layers:
+    # (the default, after layer 1, is not checked: a one-layer test model reads its marks after its only layer)
+    if "relevance_layers" in settings and max(read_outs.relevance_layers) >= layers:
         raise ValueError(f"relevance_layers must be 1 to {layers - 1} (a later layer must read the marks), "
                          f"got {list(read_outs.relevance_layers)}")
     if settings.get("position_ramp") and not read_outs.probes:

@@ -62,9 +62,9 @@ def run_settings(
         ``init_from`` is given, else None.
 
     Raises:
-        ValueError: an invalid homotopy share, family mix, attention layers or appearance layer without its
-            read-out, modalities
-            the spec lacks, or the position ramp or distillation without image batches.
+        ValueError: an invalid homotopy share, family mix or attention / relevance layers, an appearance layer
+            without its read-out, modalities the spec lacks, or the position ramp or distillation without
+            image batches.
     """
     d = spec.train_defaults
     settings: dict[str, Any] = {
@@ -92,16 +92,12 @@ def run_settings(
         settings["appearance_weight"] = float(appearance_weight)
         if appearance_layer != 1:  # absent at the first layer, as before the option existed
             settings["appearance_layer"] = int(appearance_layer)
-    if attention_layers is not None and list(attention_layers) != [ATTEND_LAYER]:
-        layers = sorted({int(x) for x in attention_layers})
-        if not layers or layers[0] < 0 or len(layers) != len(attention_layers):
-            raise ValueError(f"attention_layers must list distinct layer indices >= 0, got {list(attention_layers)}")
-        settings["attention_layers"] = layers  # absent at the default layer: earlier runs' settings still resume
-    if relevance_layers is not None and list(relevance_layers) != [RELEVANCE_LAYER]:
-        layers = sorted({int(x) for x in relevance_layers})
-        if not layers or len(layers) != len(relevance_layers):
-            raise ValueError(f"relevance_layers must list distinct layer indices, got {list(relevance_layers)}")
-        settings["relevance_layers"] = layers
+    # Absent at their defaults, as before the options existed: earlier runs' settings still resume.
+    for key, given, default, lowest in (("attention_layers", attention_layers, ATTEND_LAYER, 0),
+                                        ("relevance_layers", relevance_layers, RELEVANCE_LAYER, 1)):
+        layers = _chosen_layers(key, given, default, lowest)
+        if layers is not None:
+            settings[key] = layers
     if balanced_probe:
         settings["balanced_probe"] = True
     if position_ramp:
@@ -129,6 +125,21 @@ def run_settings(
                                  "items": items_after(warm["settings"], warm["step"], warm_media),
                                  "lineage": [*before.get("lineage", []), stage(warm)]}
     return settings, warm
+
+
+def _chosen_layers(key: str, given: Sequence[int] | None, default: int, lowest: int) -> list[int] | None:
+    """``given`` sorted, or None when it is absent or just ``[default]``.
+
+    Raises:
+        ValueError: an empty list, a repeated layer or one below ``lowest`` (the upper bound needs the model:
+            :func:`mmtok.testbed.train_read_outs.make_read_outs`).
+    """
+    if given is None or list(given) == [default]:
+        return None
+    layers = sorted({int(x) for x in given})
+    if not layers or layers[0] < lowest or len(layers) != len(given):
+        raise ValueError(f"{key} must list distinct layer indices >= {lowest}, got {list(given)}")
+    return layers
 
 
 def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) -> None:
