@@ -97,3 +97,19 @@ def test_readme_lists_every_compressor():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in mmtok.list_compressors():
         assert f"| {name} " in readme, f"README's compressor table lacks {name}"
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    ([], (None, None, None)),  # the spec's from-scratch recipe decides (mmtok.testbed.train_settings)
+    (["--no-position-ramp", "--family-mix", "none", "--attention-layers", "1"], (False, {}, [1])),
+    (["--position-ramp", "--family-mix", "count=3"], (True, {"count": 3}, None)),
+])
+def test_testbed_train_passes_recipe_options_through_unset_or_off(monkeypatch, flags, want):
+    import mmtok.testbed.train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda name, **kw: seen.update(kw, name=name))
+    monkeypatch.setattr("mmtok.testbed.allocator.keep_freed_memory", lambda: False)
+    assert main(["testbed", "train", "testbed-llava", "--no-export", *flags]) == 0
+    assert seen["name"] == "testbed-llava"
+    assert (seen["position_ramp"], seen["family_mix"], seen["attention_layers"]) == want

@@ -64,6 +64,7 @@ def test_a_chain_of_stages_mixed_or_not_never_repeats_an_item() -> None:
 
 def test_bad_mixes_are_refused() -> None:
     assert parse_mix("direction=3, flash_count=2") == {"direction": 3, "flash_count": 2}
+    assert parse_mix("none") == parse_mix(" None ") == {}
     with pytest.raises(ValueError, match="family=weight"):
         parse_mix("direction:3")
     with pytest.raises(ValueError, match="not a family"):

@@ -93,22 +93,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="after which language-model layer the appearance read-out reads (default 1: with the other "
                         "read-outs; 2: the first layer finds where each appearance starts, the second counts them)")
     t.add_argument("--attention-layers", type=_layers, default=None, metavar="L[,L...]",
-                   help="language-model layers whose head 0 the attention supervision trains (default 1, the "
-                        "second; e.g. 1,2 adds the third, where a relation's two named objects can be told from "
-                        "their colour-shape swaps)")
+                   help="language-model layers whose head 0 the attention supervision trains (default: the "
+                        "spec's for a run from scratch, else 1, the second; e.g. 1,2 adds the third, where a "
+                        "relation's two named objects can be told from their colour-shape swaps)")
     t.add_argument("--relevance-layers", type=_layers, default=None, metavar="L[,L...]",
                    help="after which language-model layers the relevance marks are read (default 1; e.g. 1,2 adds "
                         "marks after the second layer, which can tell a named object from a colour-shape swap)")
-    t.add_argument("--position-ramp", action="store_true",
+    t.add_argument("--position-ramp", action=argparse.BooleanOptionalAction, default=None,
                    help="train the image tokens' top / bottom and left / right read-outs toward each cell's place "
                         "along the axis, not its half (mmtok.testbed.dense.position_ramp; for 'which is further "
-                        "left' between two objects in one half)")
+                        "left' between two objects in one half; default: the spec's for a run from scratch, "
+                        "else off)")
     t.add_argument("--balanced-probe", action="store_true",
                    help="the media tokens' read-outs weigh each class alike (class-balanced mean; for rare "
                         "classes such as chirp tokens) instead of each token")
     t.add_argument("--family-mix", metavar="FAMILY=W,...",
                    help="more items of some families: each listed family takes W turns of its modality's turn "
-                        "order (e.g. direction=3,flash_count=2; mmtok.testbed.family_mix; default: one each)")
+                        "order (e.g. direction=3,flash_count=2; mmtok.testbed.family_mix; 'none': one each; "
+                        "default: the spec's for a run from scratch, else one each)")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -176,7 +178,7 @@ def run_train(args: argparse.Namespace) -> int:
           appearance_layer=args.appearance_layer, attention_layers=args.attention_layers,
           relevance_layers=args.relevance_layers,
           balanced_probe=args.balanced_probe, position_ramp=args.position_ramp,
-          family_mix=parse_mix(args.family_mix) if args.family_mix else None,
+          family_mix=None if args.family_mix is None else parse_mix(args.family_mix),
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

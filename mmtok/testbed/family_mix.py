@@ -37,11 +37,13 @@ def check_mix(mix: Mapping[str, int], modalities: Sequence[str]) -> dict[str, in
 
 
 def parse_mix(text: str) -> dict[str, int]:
-    """``"direction=3,flash_count=2"`` -> ``{"direction": 3, "flash_count": 2}``.
+    """``"direction=3,flash_count=2"`` -> ``{"direction": 3, "flash_count": 2}``; ``"none"`` -> ``{}`` (no mix).
 
     Raises:
         ValueError: an entry that is not ``family=weight`` with a whole weight.
     """
+    if text.strip().lower() == "none":
+        return {}
     out = {}
     for entry in filter(None, (e.strip() for e in text.split(","))):
         name, sep, weight = entry.partition("=")

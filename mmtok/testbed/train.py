@@ -152,7 +152,7 @@ def train(
     attention_layers: Sequence[int] | None = None,
     relevance_layers: Sequence[int] | None = None,
     balanced_probe: bool = False,
-    position_ramp: bool = False,
+    position_ramp: bool | None = None,
     family_mix: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -225,6 +225,7 @@ def train(
             the other read-outs; 2: one layer later, leaving the first layer to find where each appearance
             starts and the second to count the starts); at most the last layer but one.
         attention_layers: the language-model layers whose head 0 the attention supervision trains (None:
+            the spec's default for a run of the shipped size from scratch, else
             :data:`mmtok.testbed.dense_step.ATTEND_LAYER`, the second); with several, the attention term is the
             mean over rows and layers. A later layer can answer what needs two layers of question reading
             first (a relation's two named colour-shape pairs).
@@ -237,10 +238,11 @@ def train(
             tokens); False (default): the mean over tokens.
         position_ramp: the image tokens' half read-outs ("top" / "bottom", "left" / "right") are trained
             toward each cell's place along its axis (:func:`mmtok.testbed.dense.position_ramp`), not the
-            hard half, so that two objects in the same half can be compared; False (default): hard halves.
+            hard half, so that two objects in the same half can be compared; False: hard halves; None: the
+            spec's default for a run of the shipped size from scratch, else False.
         family_mix: family weights in the turn order of the training items (:mod:`mmtok.testbed.family_mix`,
-            e.g. ``{"direction": 3}``: three direction items per turn of the video families); None: each
-            family once.
+            e.g. ``{"direction": 3}``: three direction items per turn of the video families); ``{}``: each
+            family once; None: the spec's default for a run of the shipped size from scratch, else ``{}``.
         log: where progress lines go.
 
     Returns:

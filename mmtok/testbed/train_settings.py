@@ -21,6 +21,9 @@ from mmtok.testbed.position_homotopy import homotopy_weight
 from mmtok.testbed.train_measures import FORM
 from mmtok.testbed.warm_start import load_warm_start
 
+FRESH_RECIPE = ("position_ramp", "attention_layers", "family_mix")
+"""Options a run from scratch of the shipped size takes from the spec's ``train_defaults`` unless named."""
+
 
 def run_settings(
     spec: TestbedSpec,
@@ -49,13 +52,13 @@ def run_settings(
     attention_layers: Sequence[int] | None,
     relevance_layers: Sequence[int] | None,
     balanced_probe: bool,
-    position_ramp: bool,
+    position_ramp: bool | None,
     family_mix: dict[str, int] | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The settings of a run of ``spec`` (the arguments are :func:`mmtok.testbed.train.train`'s).
 
-    ``dense_weight``, ``curriculum`` and ``attention_weight`` stay None when not given: see
-    :func:`recipe_defaults`.
+    ``dense_weight``, ``curriculum`` and ``attention_weight`` stay None when not given, and so do the
+    :data:`FRESH_RECIPE` options a run from scratch does not name: see :func:`recipe_defaults`.
 
     Returns:
         The settings, and the warm start's state (:func:`mmtok.testbed.warm_start.load_warm_start`) when
@@ -116,6 +119,9 @@ def run_settings(
         if "image" not in media:
             raise ValueError("distillation regresses image tokens: train on images (modalities with 'image')")
         settings["distill_from"], settings["distill_weight"] = str(distill_from), float(distill_weight)
+    if init_from is None:
+        given = {"position_ramp": position_ramp, "attention_layers": attention_layers, "family_mix": family_mix}
+        settings.update({key: None for key in FRESH_RECIPE if given[key] is None})
     warm = None
     if init_from is not None:
         warm, source = load_warm_start(init_from)
@@ -148,7 +154,8 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
     The spec's dense / curriculum defaults are the shipped size's recipe: other sizes (the test-sized
     "tiny") and models whose media tokens are not on the layout grid (``on_grid`` False) train without them
     unless asked. The curriculum (easy-first) is for a model that cannot read its images yet, so a warm
-    start does not take it by default.
+    start does not take it by default; nor the other :data:`FRESH_RECIPE` options (a warm-started stage
+    names what it adds).
 
     Raises:
         ValueError: attention supervision or the curriculum without the dense probe, attention layers without
@@ -158,11 +165,12 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
     shipped = settings["size"] == "full" and on_grid
     if settings["dense_weight"] is None:
         settings["dense_weight"] = d.get("dense_weight", 0.0) if shipped else 0.0
+    fresh = shipped and settings["dense_weight"] > 0 and "init_from" not in settings
     if settings["curriculum"] is None:
-        fresh = shipped and settings["dense_weight"] > 0 and "init_from" not in settings
         settings["curriculum"] = d.get("curriculum", 0.0) if fresh else 0.0
     if settings["attention_weight"] is None:
         settings["attention_weight"] = d.get("attention_weight", 0.0) if settings["dense_weight"] > 0 else 0.0
+    _fresh_recipe(settings, d if fresh else {}, spec.modalities)
     if "attention_layers" in settings and settings["attention_weight"] <= 0:
         raise ValueError("attention_layers places the attention supervision: use it with attention_weight > 0")
     if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
@@ -171,3 +179,24 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
         raise ValueError("the curriculum needs the scene's content cells: use it with dense_weight > 0")
     if settings["steps"] < 1 or settings["batch_size"] < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {settings['steps']} and {settings['batch_size']}")
+
+
+def _fresh_recipe(settings: dict[str, Any], defaults: dict[str, Any], modalities: Sequence[str]) -> None:
+    """Replace the :data:`FRESH_RECIPE` options left None with ``defaults``' (none when it lacks them), in place.
+
+    As for options named by the caller, a key stays only when the option is on and off its default.
+    """
+    media = settings.get("modalities", modalities)
+    for key in FRESH_RECIPE:
+        if key not in settings or settings[key] is not None:
+            continue
+        del settings[key]
+        value = defaults.get(key)
+        if key == "position_ramp" and value and "image" in media:
+            settings[key] = True
+        elif key == "attention_layers" and value and settings["attention_weight"] > 0:
+            layers = _chosen_layers(key, value, ATTEND_LAYER, 0)
+            if layers is not None:
+                settings[key] = layers
+        elif key == "family_mix" and value:
+            settings[key] = check_mix(value, media)
