@@ -14,6 +14,7 @@ from mmtok.testbed.dense import half_labels  # noqa: E402
 from mmtok.testbed.models import get_spec  # noqa: E402
 from mmtok.testbed.position_code import add_position_code, sincos_2d  # noqa: E402
 from mmtok.testbed.train import train  # noqa: E402
+from mmtok.testbed.train_settings import FRESH_RECIPE  # noqa: E402
 
 
 def test_sincos_known_values() -> None:
@@ -68,12 +69,15 @@ def test_training_adds_the_code_once_and_warm_starts_do_not_add_it_again(tmp_pat
     assert torch.equal(c, d)
 
 
-def test_a_warm_start_of_the_shipped_size_adds_no_code_and_no_curriculum(tmp_path) -> None:
+def test_a_warm_start_of_the_shipped_size_adds_no_code_no_curriculum_and_no_fresh_recipe(tmp_path) -> None:
     torch.set_num_threads(1)
     args = dict(size="full", batch_size=1, lr=1e-4, warmup=0, seed=0, eval_every=0, log=lambda s: None)
-    fresh = train("testbed-llava", work_dir=tmp_path / "fresh", steps=1, **args)
+    fresh = train("testbed-llava", work_dir=tmp_path / "fresh", steps=1, curriculum=0.4, **args)
     spec = get_spec("testbed-llava").train_defaults
     assert fresh["settings"]["position_code"] == spec["position_code"] > 0
-    assert fresh["settings"]["curriculum"] == spec["curriculum"] > 0
+    assert fresh["settings"]["curriculum"] == 0.4
+    assert {k: fresh["settings"][k] for k in FRESH_RECIPE} == {
+        "position_ramp": True, "attention_layers": list(spec["attention_layers"]), "family_mix": spec["family_mix"]}
     warm = train("testbed-llava", work_dir=tmp_path / "warm", steps=1, until=0, init_from=tmp_path / "fresh", **args)
     assert warm["settings"]["position_code"] == 0.0 and warm["settings"]["curriculum"] == 0.0
+    assert not set(warm["settings"]) & set(FRESH_RECIPE)
