@@ -32,6 +32,8 @@ from mmtok.testbed.dense import (  # noqa: E402
     position_ramp,
     ramp_loss,
     relevance_loss,
+    relevance_terms,
+    swap_cells,
 )
 from mmtok.testbed.models import Size, get_spec  # noqa: E402
 from mmtok.testbed.train import train  # noqa: E402
@@ -304,6 +306,51 @@ def test_key_cells_known_answer_and_every_family_has_its_keys() -> None:
                 assert n >= 1, fam
 
 
+def _relation_scene(objects):
+    """An 84 px scene (4 x 4 cells of 21 px) asking about its first two objects."""
+    objs = [{"colour": c, "shape": sh, "box": box} for c, sh, box in objects]
+    return {"size": 84, "objects": objs, "query": {"relation": "left", "key": [objs[0]["box"], objs[1]["box"]]}}
+
+
+def test_swap_cells_mark_the_colour_shape_swaps_of_the_named_pair_only() -> None:
+    scene = _relation_scene([("orange", "square", [0, 0, 21, 21]), ("purple", "diamond", [63, 0, 84, 21]),
+                             ("orange", "diamond", [0, 63, 21, 84]), ("purple", "square", [42, 42, 84, 63]),
+                             ("orange", "circle", [21, 21, 42, 42])])
+    assert swap_cells(scene, 21).reshape(4, 4).tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0]]
+    assert int(swap_cells({**scene, "query": {"key": scene["query"]["key"]}}, 21).sum()) == 0  # not a relation
+    # a swap under a key box stays a key cell
+    overlapped = _relation_scene([("orange", "square", [0, 0, 42, 42]), ("purple", "diamond", [63, 0, 84, 21]),
+                                  ("orange", "diamond", [21, 21, 42, 42])])
+    assert int(swap_cells(overlapped, 21).sum()) == 0
+    labels = batch_labels([item for item in dataset("image", "train", 80, families=["relation"])], CELL)
+    flags = labels[..., -2]
+    assert set(flags.unique().tolist()) == {0, 1, 2}  # some of 80 relation scenes hold a swap
+    for it, row in zip(dataset("image", "train", 80, families=["relation"]), flags, strict=True):
+        assert torch.equal(row == 1, key_cells(it.scene, CELL) == 1)
+        assert torch.equal(row == 2, swap_cells(it.scene, CELL) == 1)
+
+
+def test_relevance_swap_class_weighs_the_swaps_alone_and_is_off_by_default() -> None:
+    yes, no = 3, 1
+    cells = torch.tensor([[0, 1, 2, 3]])
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, yes] = 2.0  # the key token says yes
+    logits[0, 3, yes] = 2.0  # the swap token says yes too
+    key = torch.tensor([[1, 0, 0, 2]])
+    right, wrong, even = (torch.nn.functional.softplus(torch.tensor(-2.0)), torch.nn.functional.softplus(torch.tensor(2.0)),
+                          torch.log(torch.tensor(2.0)))
+    sums, counts = relevance_terms(logits, cells, key, yes, no)
+    assert counts.tolist() == [3, 1, 0]  # off: the swap is one more "no" token
+    assert torch.allclose(sums, torch.stack([2 * even + wrong, right, torch.tensor(0.0)]))
+    assert torch.allclose(relevance_loss(logits, cells, key, yes, no), (right + (2 * even + wrong) / 3) / 2)
+    # off, a swap flag counts exactly as a plain "no" token
+    assert torch.equal(relevance_loss(logits, cells, key, yes, no), relevance_loss(logits, cells, key.clamp(max=1) *
+                                                                                    (key == 1), yes, no))
+    sums, counts = relevance_terms(logits, cells, key, yes, no, swap_class=True)
+    assert counts.tolist() == [2, 1, 1]
+    assert torch.allclose(relevance_loss(logits, cells, key, yes, no, swap_class=True), (even + right + wrong) / 3)
+
+
 def test_relevance_loss_known_answer() -> None:
     yes, no = 3, 1
     logits = torch.zeros(1, 4, 5)
@@ -333,6 +380,8 @@ def test_attention_loss_known_answer() -> None:
     assert torch.allclose(attention_loss(attn, labels, cells, torch.tensor([[1, 1]])), -torch.log(torch.tensor(0.8)))
     assert torch.allclose(attention_loss(attn, labels, cells, torch.tensor([[0, 1]]), head=1), torch.tensor(0.0))
     assert float(attention_loss(attn, labels, cells, torch.tensor([[0, 0]]))) == 0.0  # no key: left out
+    # a swap cell is not read: the same loss as without its flag
+    assert torch.allclose(attention_loss(attn, labels, cells, torch.tensor([[1, 2]])), -torch.log(torch.tensor(0.6)))
 
 
 def test_attention_loss_reads_in_answer_order() -> None:

@@ -212,6 +212,33 @@ def test_relevance_marks_read_after_several_layers_add_each_layers_terms(deeper_
     assert not torch.allclose(sums, first.relevance_sums)
 
 
+def test_swap_marks_move_the_swap_tokens_from_the_other_class_to_their_own(tmp_path) -> None:
+    from mmtok.testbed.dense import SWAP
+    from mmtok.testbed.train import train
+
+    model, processor = get_spec("testbed-qwen2vl").build(GRID, 0)
+    model = model.eval()
+    items = [it for it in dataset("image", "train", 40, families=["relation"])
+             if bool((batch_labels([it], CELL)[..., -2] == SWAP).any())][:2]
+    batch = encode_items(processor, items)
+    labels = {"image": batch_labels(items, CELL)}
+    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
+                                  IMAGE_HEADS)}
+    yes_no = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
+    with torch.no_grad():
+        off = dense_parts(model, batch, labels, probes, yes_no, attend=True)
+        on = dense_parts(model, batch, labels, probes, yes_no, attend=True, swap_class=True)
+    swapped = int((labels["image"][..., -2] == SWAP).sum())
+    assert swapped > 0 and off.relevance_counts[2] == 0 and on.relevance_counts[2] == swapped
+    assert on.relevance_counts[0] + swapped == off.relevance_counts[0] and on.relevance_counts[1] == off.relevance_counts[1]
+    assert torch.allclose(on.relevance_sums.sum(), off.relevance_sums.sum(), atol=1e-4)
+    assert torch.equal(on.attention_sum, off.attention_sum) and torch.equal(on.probe, off.probe)
+    run = train("testbed-qwen2vl", size=GRID, steps=1, batch_size=2, lr=1e-4, warmup=0, dense_weight=1.0,
+                modalities=["image"], swap_marks=True, family_mix={"relation": 5}, work_dir=tmp_path, eval_every=0,
+                log=lambda s: None)
+    assert run["settings"]["swap_marks"] is True
+
+
 @pytest.mark.parametrize("key, layers, weights, match", [
     ("attention_layers", [1, 3], {}, r"reads layer\(s\) \[1, 3\]"),
     ("attention_layers", [1, 2], {"attention_weight": 0.0}, "use it with attention_weight"),

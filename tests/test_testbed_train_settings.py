@@ -9,7 +9,8 @@ OFF = {"steps": None, "batch_size": None, "lr": None, "warmup": None, "weight_de
        "dense_weight": None, "curriculum": None, "attention_weight": None, "position_code": None,
        "init_lm_from": None, "distill_from": None, "distill_weight": 1.0, "modalities": None,
        "position_homotopy": 0.0, "time_weight": 0.0, "motion_weight": 0.0, "appearance_weight": 0.0,
-       "appearance_layer": 1, "attention_layers": None, "relevance_layers": None, "balanced_probe": False, "position_ramp": None, "family_mix": None}
+       "appearance_layer": 1, "attention_layers": None, "relevance_layers": None, "balanced_probe": False, "swap_marks": False, "position_ramp": None,
+       "family_mix": None}
 
 
 def _settings(name="testbed-llava", size="full", on_grid=True, **changes):
@@ -53,11 +54,11 @@ def test_options_that_are_off_leave_no_key_and_those_on_are_recorded():
     plain, _ = _settings("testbed-qwen2vl")
     on, _ = _settings("testbed-qwen2vl", time_weight=0.5, motion_weight=1, appearance_weight=1, appearance_layer=2,
                       position_ramp=True, balanced_probe=True, position_homotopy=0.25, modalities=["video", "image"],
-                      family_mix={"count": 2})
+                      family_mix={"count": 2}, swap_marks=True)
     assert {k: on[k] for k in set(on) - set(plain)} == {
         "time_weight": 0.5, "motion_weight": 1.0, "appearance_weight": 1.0, "appearance_layer": 2,
         "position_ramp": True, "balanced_probe": True, "position_homotopy": 0.25,
-        "modalities": ["image", "video"], "family_mix": {"count": 2}}
+        "modalities": ["image", "video"], "family_mix": {"count": 2}, "swap_marks": True}
     assert plain["curriculum"] == 0.0 and "position_code" in plain and plain["position_code"] == 0.0
 
 
@@ -71,6 +72,8 @@ def test_options_that_are_off_leave_no_key_and_those_on_are_recorded():
     ({"steps": -1}, "steps and batch_size"),
     ({"dense_weight": 0.0, "attention_weight": 1.0}, "attention supervision needs"),
     ({"dense_weight": 0.0, "curriculum": 0.4, "attention_weight": 0.0}, "curriculum needs"),
+    ({"dense_weight": 0.0, "attention_weight": 0.0, "swap_marks": True}, "swap marks"),
+    ({"modalities": ["video"], "swap_marks": True}, "swap marks"),
 ])
 def test_bad_combinations_are_refused_before_the_model_is_built(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -107,6 +107,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--balanced-probe", action="store_true",
                    help="the media tokens' read-outs weigh each class alike (class-balanced mean; for rare "
                         "classes such as chirp tokens) instead of each token")
+    t.add_argument("--swap-marks", action="store_true",
+                   help="the relevance marks weigh a relation's colour-shape swaps in the clutter (the orange "
+                        "diamond when the question names the orange square and the purple diamond) as a class "
+                        "of their own, beside the key and the other tokens (default: one 'no' token each)")
     t.add_argument("--family-mix", metavar="FAMILY=W,...",
                    help="more items of some families: each listed family takes W turns of its modality's turn "
                         "order (e.g. direction=3,flash_count=2; mmtok.testbed.family_mix; 'none': one each; "
@@ -177,7 +181,7 @@ def run_train(args: argparse.Namespace) -> int:
           motion_weight=args.motion_weight, appearance_weight=args.appearance_weight,
           appearance_layer=args.appearance_layer, attention_layers=args.attention_layers,
           relevance_layers=args.relevance_layers,
-          balanced_probe=args.balanced_probe, position_ramp=args.position_ramp,
+          balanced_probe=args.balanced_probe, swap_marks=args.swap_marks, position_ramp=args.position_ramp,
           family_mix=None if args.family_mix is None else parse_mix(args.family_mix),
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0

@@ -91,6 +91,7 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         + (", image half read-outs on the position ramp (`--position-ramp`)" if settings.get("position_ramp") else "")
         + _layers_flag(settings, "attention_layers", "attention supervision on layers")
         + _layers_flag(settings, "relevance_layers", "relevance marks after layers")
+        + (", relation swaps as their own relevance class (`--swap-marks`)" if settings.get("swap_marks") else "")
         + (f", family mix (`--family-mix {mix_text(settings['family_mix'])}`)" if settings.get("family_mix") else "")
         + ("" if len(losses) >= settings["steps"] else
            f"; this export is the checkpoint at step {len(losses)} of that {settings['steps']}-step run "
@@ -124,7 +125,7 @@ STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attent
 # Settings a stage has only when it used them; the card's "sources" column names them.
 SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
                "motion_weight", "appearance_weight", "appearance_layer", "balanced_probe", "position_ramp",
-               "attention_layers", "relevance_layers", "family_mix")
+               "attention_layers", "relevance_layers", "swap_marks", "family_mix")
 
 
 def mix_text(mix: dict[str, int]) -> str:
@@ -172,6 +173,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
         parts.append(f"attention supervision on layers {_layers(settings['attention_layers'])}")
     if settings.get("relevance_layers"):
         parts.append(f"relevance marks after layers {_layers(settings['relevance_layers'])}")
+    if settings.get("swap_marks"):
+        parts.append("swap marks")
     if settings.get("family_mix"):
         parts.append(f"family mix {mix_text(settings['family_mix'])}")
     return "; ".join(parts) or "-"

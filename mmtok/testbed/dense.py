@@ -26,6 +26,7 @@ import torch
 from mmtok.testbed.attention_rows import QueryRows
 from mmtok.testbed.data.images import relation_winner
 from mmtok.testbed.data.items import ALPHABET, COLOUR_NAMES, SHAPES, QAItem
+from mmtok.testbed.relation_swaps import swaps
 
 COLOUR_CLASSES = ("none", *COLOUR_NAMES)
 SHAPE_CLASSES = ("none", *SHAPES, "box", "label")
@@ -38,6 +39,8 @@ IMAGE_HEADS = (*VISUAL_HEADS, VERTICAL_CLASSES, HORIZONTAL_CLASSES)
 # With the position ramp, those two heads read the grid axis (0: rows, 1: columns) as a soft target.
 IMAGE_RAMPS = {3: 0, 4: 1}
 IGNORE = -100
+# Values of the key-flag column of the dense labels: a key cell, and a cell of a relation's colour-shape swap.
+KEY, SWAP = 1, 2
 TEMPERATURE = 10.0  # cosine logits in [-10, 10]: confident enough for a near-zero loss, bounded norms
 
 
@@ -148,6 +151,26 @@ def key_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
     return out.reshape(g * g)
 
 
+def swap_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
+    """``[G * G]`` long: 1 on the cells of a relation scene's colour-shape swaps that no key box covers, else 0.
+
+    "Which is further left, the orange square or the purple diamond?" with an orange diamond in the clutter:
+    the diamond pairs one named object's colour with the other's shape (:func:`mmtok.testbed.relation_swaps.swaps`),
+    and a mark that matches single words says "yes" on it (docs/testbed.md, recipe items 15 and 16). Scenes of
+    other families are all 0.
+    """
+    g = scene["size"] // cell
+    out = torch.zeros(g, g, dtype=torch.long)
+    query = scene["query"]
+    if "relation" in query:
+        boxes = [list(b) for b in query["key"]]
+        named = [f"{o['colour']} {o['shape']}" for b in boxes for o in scene["objects"] if list(o["box"]) == b]
+        for o in swaps(named, scene["objects"]):
+            x0, y0, x1, y1 = o["box"]
+            out[y0 // cell:(y1 - 1) // cell + 1, x0 // cell:(x1 - 1) // cell + 1] = 1
+    return out.reshape(g * g) * (1 - key_cells(scene, cell))
+
+
 def answer_order(scene: dict[str, Any], cell: int) -> torch.Tensor:
     """``[G * G]`` long: ``i`` on the cell of the label's ``i``-th character (1-based), else 0.
 
@@ -176,11 +199,13 @@ def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
     """``[n_images, G * G, 7]`` targets of the image items in ``items`` (other modalities are skipped).
 
     Columns: colour, shape and character classes (:func:`cell_labels`), the vertical and horizontal half
-    (:func:`half_labels`; the probe heads :data:`IMAGE_HEADS` read these five), the key flag
-    (:func:`key_cells`) and the answer word that reads the cell (:func:`answer_order`).
+    (:func:`half_labels`; the probe heads :data:`IMAGE_HEADS` read these five), the key flag (1 on
+    :func:`key_cells`, 2 on :func:`swap_cells`, else 0: :data:`KEY`, :data:`SWAP`) and the answer word that
+    reads the cell (:func:`answer_order`).
     """
     rows = [torch.cat([cell_labels(it.scene, cell), half_labels(it.scene["size"] // cell),
-                       key_cells(it.scene, cell)[:, None], answer_order(it.scene, cell)[:, None]], 1)
+                       (KEY * key_cells(it.scene, cell) + SWAP * swap_cells(it.scene, cell))[:, None],
+                       answer_order(it.scene, cell)[:, None]], 1)
             for it in items if it.modality == "image"]
     if not rows:
         raise ValueError("batch_labels needs at least one image item")
@@ -289,8 +314,8 @@ def ramp_loss(logits: torch.Tensor, keep: torch.Tensor, axis: int) -> torch.Tens
     return each[keep].sum() / keep.sum().clamp_min(1)
 
 
-def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int
-                   ) -> torch.Tensor:
+def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int,
+                   swap_class: bool = False) -> torch.Tensor:
     """Class-balanced cross-entropy of the language model saying "yes" at the visual tokens the question is about.
 
     The second supervised hop: with the question before the image, each visual token can read the question
@@ -301,31 +326,36 @@ def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.
     Args:
         logits: ``[B, L, V]`` next-word logits (the training loop reads them out after the first layer).
         visual_cells: ``[B, L]`` long, the grid cell of each visual token, -1 elsewhere.
-        key: ``[B, N]`` the key flags of the cells (column 3 of :func:`batch_labels`).
+        key: ``[B, N]`` the key flags of the cells (:data:`KEY` on key cells, :data:`SWAP` on swap cells, 0
+            else; the key-flag column of :func:`batch_labels`).
         yes_id: token id of "yes".
         no_id: token id of "no".
+        swap_class: weigh the swap tokens (target "no") as a class of their own (recipe item 16); otherwise
+            they are other tokens.
 
     Returns:
         Scalar: mean over key tokens plus mean over the others, halved (the mean over whichever kind exists
-        when a batch has only one).
+        when a batch has only one); with ``swap_class``, the mean of the key, other and swap tokens' means.
     """
-    return balanced_mean(*relevance_terms(logits, visual_cells, key, yes_id, no_id))
+    return balanced_mean(*relevance_terms(logits, visual_cells, key, yes_id, no_id, swap_class))
 
 
-def relevance_terms(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def relevance_terms(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int,
+                    swap_class: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The sums and counts behind :func:`relevance_loss`, so that sub-batches can be pooled exactly.
 
     Returns:
-        ``[2]`` float sums of the cross-entropies over the other tokens and over the key tokens, and ``[2]``
-        long counts of those tokens.
+        ``[3]`` float sums of the cross-entropies over the other tokens, the key tokens and the swap tokens,
+        and ``[3]`` long counts of those tokens (the swap class is empty unless ``swap_class``).
     """
     rows, cols = (visual_cells >= 0).nonzero(as_tuple=True)
-    target = key[rows, visual_cells[rows, cols]]
+    flag = key[rows, visual_cells[rows, cols]]
+    target = (flag == KEY).long()
+    group = torch.where(flag == SWAP, SWAP if swap_class else 0, target)
     two = logits[rows, cols][:, [no_id, yes_id]].float()
     each = torch.nn.functional.cross_entropy(two, target, reduction="none")
-    return (torch.stack([each[target == v].sum() for v in (0, 1)]),
-            torch.stack([(target == v).sum() for v in (0, 1)]))
+    return (torch.stack([each[group == v].sum() for v in (0, KEY, SWAP)]),
+            torch.stack([(group == v).sum() for v in (0, KEY, SWAP)]))
 
 
 def class_sums(losses: torch.Tensor, target: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +394,7 @@ def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_
         labels: ``[B, L]`` answer labels (``-100`` off the answer); the position before each answer word is
             the one that predicts it.
         visual_cells: ``[B, L]`` the grid cell of each visual token, -1 elsewhere.
-        key: ``[B, N]`` key flags of the cells.
+        key: ``[B, N]`` key flags of the cells (the cells flagged :data:`KEY` are read; swap cells are not).
         order: ``[B, N]`` answer-word index (1-based) of the cells, 0 elsewhere (column 4 of
             :func:`batch_labels`); None supervises the first answer word only.
         head: the supervised head (the others stay free); ignored for :class:`QueryRows`, which hold one.
@@ -387,7 +417,7 @@ def attention_terms(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual
         answer = (labels[b] != IGNORE).nonzero()[:, 0]
         vis = visual_cells[b] >= 0
         on_key = torch.zeros_like(vis)
-        on_key[vis] = key[b, visual_cells[b, vis]] > 0
+        on_key[vis] = key[b, visual_cells[b, vis]] == KEY
         if len(answer) == 0 or not bool(on_key.any()):
             continue
         words = torch.zeros_like(visual_cells[b])

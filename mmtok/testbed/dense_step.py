@@ -50,7 +50,8 @@ class DenseParts:
     Attributes:
         answer_sum: summed cross-entropy of the answer tokens; ``answer_count`` of them.
         probe: the dense probes' loss, summed over this pass's media (each a mean over its own tokens).
-        relevance_sums: ``[2]`` relevance cross-entropy sums over other and key tokens; ``relevance_counts``.
+        relevance_sums: ``[3]`` relevance cross-entropy sums over other, key and swap tokens (the swap class
+            is empty unless the marks weigh it: ``swap_class``); ``relevance_counts``.
         attention_sum: attention-supervision loss summed over ``attention_count`` rows (0 when off).
         time_sum: the time read-out's cross-entropy summed over ``time_count`` video tokens (0 when off).
         motion_sums: ``[2]`` the motion read-out's cross-entropy sums over still and moved object tokens;
@@ -119,7 +120,7 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                 time: Sequence[int] | None = None, motion: Sequence[int] | None = None,
                 appearance: Sequence[int] | None = None, appearance_layer: int = RELEVANCE_LAYER,
                 attention_layers: Sequence[int] = (ATTEND_LAYER,),
-                relevance_layers: Sequence[int] = (RELEVANCE_LAYER,)) -> DenseParts:
+                relevance_layers: Sequence[int] = (RELEVANCE_LAYER,), swap_class: bool = False) -> DenseParts:
     """One forward pass of ``batch`` with the dense supervision's read-outs.
 
     Args:
@@ -147,6 +148,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
         relevance_layers: after which layers the relevance marks are read (:data:`RELEVANCE_LAYER` by
             default; the time, motion and appearance read-outs stay after theirs); with several, each layer's
             sums and counts add.
+        swap_class: the relevance marks weigh the tokens of a relation's colour-shape swaps as a class of
+            their own (:func:`mmtok.testbed.dense.relevance_terms`).
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
@@ -168,7 +171,7 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     relevance_sums, relevance_counts = 0, 0
     for layer in relevance_layers:
         read = lens if layer == RELEVANCE_LAYER else layer_logits(model, outputs.hidden_states, layer)
-        layer_sums, layer_counts = relevance_terms(read, grid.cells, flags[..., 0], *yes_no)
+        layer_sums, layer_counts = relevance_terms(read, grid.cells, flags[..., 0], *yes_no, swap_class)
         relevance_sums, relevance_counts = relevance_sums + layer_sums, relevance_counts + layer_counts
     attention_sum, attention_count = answer_sum.new_zeros(()), 0
     for rows in layer_rows:

@@ -152,6 +152,7 @@ def train(
     attention_layers: Sequence[int] | None = None,
     relevance_layers: Sequence[int] | None = None,
     balanced_probe: bool = False,
+    swap_marks: bool = False,
     position_ramp: bool | None = None,
     family_mix: dict[str, int] | None = None,
     log: Callable[[str], None] = print,
@@ -236,6 +237,10 @@ def train(
         balanced_probe: the read-outs of the media tokens take each head's class-balanced mean
             (:class:`mmtok.testbed.dense.DenseProbe`, for rare classes such as an audio clip's chirp
             tokens); False (default): the mean over tokens.
+        swap_marks: the relevance marks weigh the image tokens of a relation's colour-shape swaps (the clutter's
+            orange diamond when the question names the orange square and the purple diamond) as a class of
+            their own, beside the key and the other tokens (:func:`mmtok.testbed.dense.relevance_terms`):
+            otherwise a swap is one "no" token among ~250 and the marks say "yes" on it. False (default): off.
         position_ramp: the image tokens' half read-outs ("top" / "bottom", "left" / "right") are trained
             toward each cell's place along its axis (:func:`mmtok.testbed.dense.position_ramp`), not the
             hard half, so that two objects in the same half can be compared; False: hard halves; None: the
@@ -261,7 +266,7 @@ def train(
         distill_from=distill_from, distill_weight=distill_weight, modalities=modalities,
         position_homotopy=position_homotopy, time_weight=time_weight, motion_weight=motion_weight,
         appearance_weight=appearance_weight, appearance_layer=appearance_layer, attention_layers=attention_layers,
-        relevance_layers=relevance_layers, balanced_probe=balanced_probe,
+        relevance_layers=relevance_layers, balanced_probe=balanced_probe, swap_marks=swap_marks,
         position_ramp=position_ramp, family_mix=family_mix)
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
@@ -401,7 +406,8 @@ def _step_losses(model: Any, batch: dict[str, Any], step: int, settings: dict[st
     blend = partial(_blend_positions, model, step=step, settings=settings)
     parts = [dense_parts(model, sub, labels, read_outs.probes, read_outs.yes_no, settings["attention_weight"] > 0,
                          keep, blend, read_outs.time, read_outs.motion, read_outs.appearance,
-                         read_outs.appearance_layer, read_outs.attention_layers, read_outs.relevance_layers)
+                         read_outs.appearance_layer, read_outs.attention_layers, read_outs.relevance_layers,
+                         read_outs.swap_class)
              for sub in split_by_medium(model, batch)]
     loss, dense, terms = pool(parts, settings["attention_weight"], settings.get("time_weight", 0.0),
                               settings.get("motion_weight", 0.0), settings.get("appearance_weight", 0.0))

@@ -52,6 +52,7 @@ def run_settings(
     attention_layers: Sequence[int] | None,
     relevance_layers: Sequence[int] | None,
     balanced_probe: bool,
+    swap_marks: bool,
     position_ramp: bool | None,
     family_mix: dict[str, int] | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -103,6 +104,8 @@ def run_settings(
             settings[key] = layers
     if balanced_probe:
         settings["balanced_probe"] = True
+    if swap_marks:
+        settings["swap_marks"] = True
     if position_ramp:
         settings["position_ramp"] = True
     if modalities is not None:
@@ -158,8 +161,9 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
     names what it adds).
 
     Raises:
-        ValueError: attention supervision or the curriculum without the dense probe, attention layers without
-            attention supervision, or non-positive steps or batch size.
+        ValueError: attention supervision, swap marks or the curriculum without the dense probe, attention
+            layers without attention supervision, swap marks without images, or non-positive steps or batch
+            size.
     """
     d = spec.train_defaults
     shipped = settings["size"] == "full" and on_grid
@@ -175,6 +179,10 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
         raise ValueError("attention_layers places the attention supervision: use it with attention_weight > 0")
     if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
         raise ValueError("attention supervision needs the key cells of the dense labels: use dense_weight > 0")
+    if settings.get("swap_marks") and (settings["dense_weight"] <= 0
+                                       or "image" not in settings.get("modalities", spec.modalities)):
+        raise ValueError("swap marks weigh the image relevance marks of relation swaps: use them with "
+                         "dense_weight > 0 and image batches")
     if settings["curriculum"] > 0 and settings["dense_weight"] <= 0:
         raise ValueError("the curriculum needs the scene's content cells: use it with dense_weight > 0")
     if settings["steps"] < 1 or settings["batch_size"] < 1:
