@@ -216,7 +216,7 @@ def test_swap_marks_move_the_swap_tokens_from_the_other_class_to_their_own(tmp_p
     from mmtok.testbed.dense import SWAP
     from mmtok.testbed.train import train
 
-    model, processor = get_spec("testbed-qwen2vl").build(GRID, 0)
+    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
     model = model.eval()
     items = [it for it in dataset("image", "train", 40, families=["relation"])
              if bool((batch_labels([it], CELL)[..., -2] == SWAP).any())][:2]
@@ -226,17 +226,22 @@ def test_swap_marks_move_the_swap_tokens_from_the_other_class_to_their_own(tmp_p
                                   IMAGE_HEADS)}
     yes_no = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
     with torch.no_grad():
-        off = dense_parts(model, batch, labels, probes, yes_no, attend=True)
-        on = dense_parts(model, batch, labels, probes, yes_no, attend=True, swap_class=True)
-    swapped = int((labels["image"][..., -2] == SWAP).sum())
+        off = dense_parts(model, batch, labels, probes, yes_no, attend=True, relevance_layers=(1, 2))
+        on = dense_parts(model, batch, labels, probes, yes_no, attend=True, relevance_layers=(1, 2), swap_class=True)
+        first = dense_parts(model, batch, labels, probes, yes_no, attend=True, swap_class=True)
+    swapped = int((labels["image"][..., -2] == SWAP).sum())  # counted once: the second layer's marks only
+    assert first.relevance_counts[2] == 0  # the first layer's marks cannot bind: swaps stay other tokens
     assert swapped > 0 and off.relevance_counts[2] == 0 and on.relevance_counts[2] == swapped
     assert on.relevance_counts[0] + swapped == off.relevance_counts[0] and on.relevance_counts[1] == off.relevance_counts[1]
     assert torch.allclose(on.relevance_sums.sum(), off.relevance_sums.sum(), atol=1e-4)
     assert torch.equal(on.attention_sum, off.attention_sum) and torch.equal(on.probe, off.probe)
-    run = train("testbed-qwen2vl", size=GRID, steps=1, batch_size=2, lr=1e-4, warmup=0, dense_weight=1.0,
-                modalities=["image"], swap_marks=True, family_mix={"relation": 5}, work_dir=tmp_path, eval_every=0,
-                log=lambda s: None)
+    run = train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, lr=1e-4, warmup=0, dense_weight=1.0,
+                modalities=["image"], swap_marks=True, relevance_layers=[1, 2], family_mix={"relation": 5},
+                work_dir=tmp_path / "on", eval_every=0, log=lambda s: None)
     assert run["settings"]["swap_marks"] is True
+    with pytest.raises(ValueError, match="swap marks"):
+        train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, dense_weight=1.0, modalities=["image"],
+              swap_marks=True, work_dir=tmp_path / "first", eval_every=0, log=lambda s: None)
 
 
 @pytest.mark.parametrize("key, layers, weights, match", [

@@ -110,7 +110,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--swap-marks", action="store_true",
                    help="the relevance marks weigh a relation's colour-shape swaps in the clutter (the orange "
                         "diamond when the question names the orange square and the purple diamond) as a class "
-                        "of their own, beside the key and the other tokens (default: one 'no' token each)")
+                        "of their own, beside the key and the other tokens, in the marks after the later "
+                        "--relevance-layers (e.g. 1,2; default: one 'no' token each)")
     t.add_argument("--family-mix", metavar="FAMILY=W,...",
                    help="more items of some families: each listed family takes W turns of its modality's turn "
                         "order (e.g. direction=3,flash_count=2; mmtok.testbed.family_mix; 'none': one each; "

@@ -148,8 +148,10 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
         relevance_layers: after which layers the relevance marks are read (:data:`RELEVANCE_LAYER` by
             default; the time, motion and appearance read-outs stay after theirs); with several, each layer's
             sums and counts add.
-        swap_class: the relevance marks weigh the tokens of a relation's colour-shape swaps as a class of
-            their own (:func:`mmtok.testbed.dense.relevance_terms`).
+        swap_class: the relevance marks read after a layer later than :data:`RELEVANCE_LAYER` weigh the
+            tokens of a relation's colour-shape swaps as a class of their own
+            (:func:`mmtok.testbed.dense.relevance_terms`); the first layer's marks keep them among the other
+            tokens, since one layer can only match single words and cannot tell a swap from the named pair.
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
@@ -171,7 +173,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     relevance_sums, relevance_counts = 0, 0
     for layer in relevance_layers:
         read = lens if layer == RELEVANCE_LAYER else layer_logits(model, outputs.hidden_states, layer)
-        layer_sums, layer_counts = relevance_terms(read, grid.cells, flags[..., 0], *yes_no, swap_class)
+        layer_sums, layer_counts = relevance_terms(read, grid.cells, flags[..., 0], *yes_no,
+                                                   swap_class and layer > RELEVANCE_LAYER)
         relevance_sums, relevance_counts = relevance_sums + layer_sums, relevance_counts + layer_counts
     attention_sum, attention_count = answer_sum.new_zeros(()), 0
     for rows in layer_rows:

@@ -240,7 +240,9 @@ def train(
         swap_marks: the relevance marks weigh the image tokens of a relation's colour-shape swaps (the clutter's
             orange diamond when the question names the orange square and the purple diamond) as a class of
             their own, beside the key and the other tokens (:func:`mmtok.testbed.dense.relevance_terms`):
-            otherwise a swap is one "no" token among ~250 and the marks say "yes" on it. False (default): off.
+            otherwise a swap is one "no" token among ~250 and the marks say "yes" on it. It applies to the
+            marks read after the later ``relevance_layers`` (the first layer can only match single words), so
+            it needs one beyond the first. False (default): off.
         position_ramp: the image tokens' half read-outs ("top" / "bottom", "left" / "right") are trained
             toward each cell's place along its axis (:func:`mmtok.testbed.dense.position_ramp`), not the
             hard half, so that two objects in the same half can be compared; False: hard halves; None: the
