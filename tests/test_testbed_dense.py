@@ -344,8 +344,8 @@ def test_relevance_swap_class_weighs_the_swaps_alone_and_is_off_by_default() -> 
     assert torch.allclose(sums, torch.stack([2 * even + wrong, right, torch.tensor(0.0)]))
     assert torch.allclose(relevance_loss(logits, cells, key, yes, no), (right + (2 * even + wrong) / 3) / 2)
     # off, a swap flag counts exactly as a plain "no" token
-    assert torch.equal(relevance_loss(logits, cells, key, yes, no), relevance_loss(logits, cells, key.clamp(max=1) *
-                                                                                    (key == 1), yes, no))
+    assert torch.equal(relevance_loss(logits, cells, key, yes, no),
+                       relevance_loss(logits, cells, (key == 1).long(), yes, no))
     sums, counts = relevance_terms(logits, cells, key, yes, no, swap_class=True)
     assert counts.tolist() == [2, 1, 1]
     assert torch.allclose(relevance_loss(logits, cells, key, yes, no, swap_class=True), (even + right + wrong) / 3)

@@ -54,11 +54,12 @@ def test_options_that_are_off_leave_no_key_and_those_on_are_recorded():
     plain, _ = _settings("testbed-qwen2vl")
     on, _ = _settings("testbed-qwen2vl", time_weight=0.5, motion_weight=1, appearance_weight=1, appearance_layer=2,
                       position_ramp=True, balanced_probe=True, position_homotopy=0.25, modalities=["video", "image"],
-                      family_mix={"count": 2}, swap_marks=True)
+                      family_mix={"count": 2}, swap_marks=True, relevance_layers=[1, 2])
     assert {k: on[k] for k in set(on) - set(plain)} == {
         "time_weight": 0.5, "motion_weight": 1.0, "appearance_weight": 1.0, "appearance_layer": 2,
         "position_ramp": True, "balanced_probe": True, "position_homotopy": 0.25,
-        "modalities": ["image", "video"], "family_mix": {"count": 2}, "swap_marks": True}
+        "modalities": ["image", "video"], "family_mix": {"count": 2}, "swap_marks": True,
+        "relevance_layers": [1, 2]}
     assert plain["curriculum"] == 0.0 and "position_code" in plain and plain["position_code"] == 0.0
 
 
@@ -72,8 +73,9 @@ def test_options_that_are_off_leave_no_key_and_those_on_are_recorded():
     ({"steps": -1}, "steps and batch_size"),
     ({"dense_weight": 0.0, "attention_weight": 1.0}, "attention supervision needs"),
     ({"dense_weight": 0.0, "curriculum": 0.4, "attention_weight": 0.0}, "curriculum needs"),
-    ({"dense_weight": 0.0, "attention_weight": 0.0, "swap_marks": True}, "swap marks"),
-    ({"modalities": ["video"], "swap_marks": True}, "swap marks"),
+    ({"dense_weight": 0.0, "attention_weight": 0.0, "swap_marks": True, "relevance_layers": [1, 2]}, "swap marks"),
+    ({"modalities": ["video"], "swap_marks": True, "relevance_layers": [1, 2]}, "swap marks"),
+    ({"swap_marks": True}, "swap marks"),  # the first layer's marks cannot bind: a later layer is needed
 ])
 def test_bad_combinations_are_refused_before_the_model_is_built(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -64,8 +64,8 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
     Raises:
         ValueError: the dense probe off the layout grid, the curriculum on a model other than Llava, the
             position ramp or a video read-out without the dense probe (or without images, videos), an
-            appearance or relevance layer no later layer can read, swap marks without relevance layers beyond
-            the first, or attention supervision on a layer the model lacks.
+            appearance or relevance layer no later layer can read, or attention supervision on a layer the
+            model lacks.
     """
     media = settings.get("modalities", spec.modalities)
     read_outs = ReadOuts(appearance_layer=settings.get("appearance_layer", 1),
@@ -97,10 +97,6 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
     if "relevance_layers" in settings and max(read_outs.relevance_layers) >= layers:
         raise ValueError(f"relevance_layers must be 1 to {layers - 1} (a later layer must read the marks), "
                          f"got {list(read_outs.relevance_layers)}")
-    if read_outs.swap_class and max(read_outs.relevance_layers) <= RELEVANCE_LAYER:
-        raise ValueError("swap marks weigh the relation swaps in the marks read after a later layer than the "
-                         f"first (which can only match single words): use them with relevance_layers beyond "
-                         f"{RELEVANCE_LAYER}, e.g. [1, 2]")
     if settings.get("position_ramp") and not read_outs.probes:
         raise ValueError("the position ramp trains the dense probe's half read-outs: use it with dense_weight > 0")
     for key, name in _VIDEO_READ_OUTS:

@@ -162,8 +162,8 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
 
     Raises:
         ValueError: attention supervision, swap marks or the curriculum without the dense probe, attention
-            layers without attention supervision, swap marks without images, or non-positive steps or batch
-            size.
+            layers without attention supervision, swap marks without images or without a relevance layer
+            beyond the first, or non-positive steps or batch size.
     """
     d = spec.train_defaults
     shipped = settings["size"] == "full" and on_grid
@@ -180,9 +180,11 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
     if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
         raise ValueError("attention supervision needs the key cells of the dense labels: use dense_weight > 0")
     if settings.get("swap_marks") and (settings["dense_weight"] <= 0
-                                       or "image" not in settings.get("modalities", spec.modalities)):
-        raise ValueError("swap marks weigh the image relevance marks of relation swaps: use them with "
-                         "dense_weight > 0 and image batches")
+                                       or "image" not in settings.get("modalities", spec.modalities)
+                                       or max(settings.get("relevance_layers", [RELEVANCE_LAYER])) <= RELEVANCE_LAYER):
+        raise ValueError("swap marks weigh relation swaps in the image relevance marks read after a later layer "
+                         f"than the first (which can only match single words): use them with dense_weight > 0, "
+                         f"image batches and relevance_layers beyond {RELEVANCE_LAYER} (e.g. [1, 2])")
     if settings["curriculum"] > 0 and settings["dense_weight"] <= 0:
         raise ValueError("the curriculum needs the scene's content cells: use it with dense_weight > 0")
     if settings["steps"] < 1 or settings["batch_size"] < 1:
