@@ -113,3 +113,16 @@ def test_testbed_train_passes_recipe_options_through_unset_or_off(monkeypatch, f
     assert main(["testbed", "train", "testbed-llava", "--no-export", *flags]) == 0
     assert seen["name"] == "testbed-llava"
     assert (seen["position_ramp"], seen["family_mix"], seen["attention_layers"], seen["swap_marks"]) == want
+
+
+def test_testbed_train_passes_family_mix_switches_in_order(monkeypatch):
+    import mmtok.testbed.train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda name, **kw: seen.update(kw))
+    monkeypatch.setattr("mmtok.testbed.allocator.keep_freed_memory", lambda: False)
+    assert main(["testbed", "train", "testbed-llava", "--no-export"]) == 0
+    assert seen["family_mix_from"] is None
+    assert main(["testbed", "train", "testbed-llava", "--no-export", "--family-mix-from", "3300:position=3,relation=3",
+                 "--family-mix-from", "5000:none"]) == 0
+    assert seen["family_mix_from"] == [(3300, {"position": 3, "relation": 3}), (5000, {})]

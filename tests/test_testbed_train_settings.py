@@ -54,12 +54,13 @@ def test_options_that_are_off_leave_no_key_and_those_on_are_recorded():
     plain, _ = _settings("testbed-qwen2vl")
     on, _ = _settings("testbed-qwen2vl", time_weight=0.5, motion_weight=1, appearance_weight=1, appearance_layer=2,
                       position_ramp=True, balanced_probe=True, position_homotopy=0.25, modalities=["video", "image"],
-                      family_mix={"count": 2}, swap_marks=True, relevance_layers=[1, 2])
+                      family_mix={"count": 2}, swap_marks=True, relevance_layers=[1, 2],
+                      family_mix_from=[(500, {"direction": 2})])
     assert {k: on[k] for k in set(on) - set(plain)} == {
         "time_weight": 0.5, "motion_weight": 1.0, "appearance_weight": 1.0, "appearance_layer": 2,
         "position_ramp": True, "balanced_probe": True, "position_homotopy": 0.25,
         "modalities": ["image", "video"], "family_mix": {"count": 2}, "swap_marks": True,
-        "relevance_layers": [1, 2]}
+        "relevance_layers": [1, 2], "family_mix_from": [[500, {"direction": 2}]]}
     assert plain["curriculum"] == 0.0 and "position_code" in plain and plain["position_code"] == 0.0
 
 

@@ -116,6 +116,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="more items of some families: each listed family takes W turns of its modality's turn "
                         "order (e.g. direction=3,flash_count=2; mmtok.testbed.family_mix; 'none': one each; "
                         "default: the spec's for a run from scratch, else one each)")
+    t.add_argument("--family-mix-from", metavar="STEP:FAMILY=W,...", action="append", default=None,
+                   help="change the family mix from step STEP on, within the run (repeatable, increasing steps; "
+                        "e.g. 3300:count=2,position=3,relation=3; STEP:none for one each): the later families "
+                        "get their items once the first phase's are learned, without a fresh warm-up")
     t.add_argument("--until", type=int,
                    help="stop after this step (checkpointed) without changing the schedule; --resume continues")
     t.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -166,7 +170,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Train (and export) one testbed model."""
     from mmtok.testbed.allocator import keep_freed_memory
-    from mmtok.testbed.family_mix import parse_mix
+    from mmtok.testbed.family_mix import parse_mix, parse_switch
     from mmtok.testbed.train import default_out, train
 
     if not args.default_malloc and keep_freed_memory():
@@ -184,6 +188,7 @@ def run_train(args: argparse.Namespace) -> int:
           relevance_layers=args.relevance_layers,
           balanced_probe=args.balanced_probe, swap_marks=args.swap_marks, position_ramp=args.position_ramp,
           family_mix=None if args.family_mix is None else parse_mix(args.family_mix),
+          family_mix_from=[parse_switch(text) for text in args.family_mix_from or []] or None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))
     return 0
 

@@ -28,12 +28,13 @@ from mmtok.testbed.card import describe_hardware, export
 from mmtok.testbed.curriculum import background_share, keep_mask
 from mmtok.testbed.data import dataset, families
 from mmtok.testbed.data.images import CELL
+from mmtok.testbed.data.items import QAItem
 from mmtok.testbed.dense import batch_labels
 from mmtok.testbed.dense_audio import audio_batch_labels
 from mmtok.testbed.dense_step import dense_parts, pool, split_by_medium
 from mmtok.testbed.dense_video import video_batch_labels
 from mmtok.testbed.distill import FeatureTeacher, feature_distill_loss, fit_output_layer
-from mmtok.testbed.family_mix import mixed_items
+from mmtok.testbed.family_mix import mix_phases, mixed_items, phase_at
 from mmtok.testbed.media_grid import MEDIA, model_kind, on_layout_grid
 from mmtok.testbed.models import TestbedSpec, encode_items, get_spec
 from mmtok.testbed.position_code import add_position_code
@@ -73,23 +74,31 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int,
                  dense: bool = False, item_offset: int = 0, modalities: Sequence[str] | None = None,
                  teacher_pixels: Callable[[list[Any]], torch.Tensor] | None = None,
-                 family_mix: dict[str, int] | None = None) -> None:
+                 family_mix: dict[str, int] | None = None, family_mix_from: Sequence[Sequence[Any]] = ()) -> None:
         self.processor, self.seed, self.start, self.stop, self.dense = processor, seed, start, stop, dense
-        self.item_offset, self.teacher_pixels, self.mix = item_offset, teacher_pixels, family_mix or {}
+        self.teacher_pixels = teacher_pixels
         self.modalities = list(modalities or spec.modalities)
         self.per = max(1, batch_size // len(self.modalities))
+        self.phases = mix_phases(batch_size, item_offset, family_mix, family_mix_from, self.modalities)
 
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def items(self, i: int) -> list[QAItem]:
+        """The items of batch ``i`` (step ``start + i``), each modality's in turn."""
         step = self.start + i
+        phase = phase_at(self.phases, step)
+        first = (step - phase.start) * self.per  # the phase's stream index of this batch's first item
         items = []
         for m in self.modalities:
-            if any(f in self.mix for f in families(m)):
-                items += mixed_items(m, self.mix, self.seed, self.item_offset, step * self.per, self.per, FORM)
+            if any(f in phase.mix for f in families(m)):
+                items += mixed_items(m, phase.mix, self.seed, phase.items_before, first, self.per, FORM)
             else:
-                items += dataset(m, "train", self.per, self.seed, form=FORM, start=self.item_offset + step * self.per)
+                items += dataset(m, "train", self.per, self.seed, form=FORM, start=phase.items_before + first)
+        return items
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        items = self.items(i)
         batch = encode_items(self.processor, items)
         if self.dense:
             present = {it.modality for it in items}
@@ -155,6 +164,7 @@ def train(
     swap_marks: bool = False,
     position_ramp: bool | None = None,
     family_mix: dict[str, int] | None = None,
+    family_mix_from: Sequence[tuple[int, dict[str, int]]] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train testbed model ``name`` from ``seed``; checkpoint to ``work_dir``; export to ``out`` when given.
@@ -250,6 +260,10 @@ def train(
         family_mix: family weights in the turn order of the training items (:mod:`mmtok.testbed.family_mix`,
             e.g. ``{"direction": 3}``: three direction items per turn of the video families); ``{}``: each
             family once; None: the spec's default for a run of the shipped size from scratch, else ``{}``.
+        family_mix_from: changes of the family mix within the run, ``(step, mix)`` pairs in increasing step
+            order (e.g. ``[(3300, {"position": 3, "relation": 3})]``: from step 3,300 on); each phase's items are
+            numbered on past the phases before it (:func:`mmtok.testbed.family_mix.mix_phases`), and the weights
+            and schedule carry on. None (default): ``family_mix`` throughout.
         log: where progress lines go.
 
     Returns:
@@ -269,7 +283,7 @@ def train(
         position_homotopy=position_homotopy, time_weight=time_weight, motion_weight=motion_weight,
         appearance_weight=appearance_weight, appearance_layer=appearance_layer, attention_layers=attention_layers,
         relevance_layers=relevance_layers, balanced_probe=balanced_probe, swap_marks=swap_marks,
-        position_ramp=position_ramp, family_mix=family_mix)
+        position_ramp=position_ramp, family_mix=family_mix, family_mix_from=family_mix_from)
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
         raise ValueError("the position homotopy moves Qwen2-VL's M-RoPE positions: use it with testbed-qwen2vl")
@@ -311,7 +325,8 @@ def train(
                     item_offset=settings.get("init_from", {"items": 0})["items"],
                     modalities=settings.get("modalities"),
                     teacher_pixels=teacher.pixels if teacher is not None else None,
-                    family_mix=settings.get("family_mix")),
+                    family_mix=settings.get("family_mix"),
+                    family_mix_from=settings.get("family_mix_from", ())),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     history["hardware"] = describe_hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):

@@ -15,7 +15,7 @@ from typing import Any
 
 from mmtok.testbed.card import stage
 from mmtok.testbed.dense_step import ATTEND_LAYER, RELEVANCE_LAYER
-from mmtok.testbed.family_mix import check_mix, items_after
+from mmtok.testbed.family_mix import check_mix, check_switches, items_after
 from mmtok.testbed.models import TestbedSpec
 from mmtok.testbed.position_homotopy import homotopy_weight
 from mmtok.testbed.train_measures import FORM
@@ -55,6 +55,7 @@ def run_settings(
     swap_marks: bool,
     position_ramp: bool | None,
     family_mix: dict[str, int] | None,
+    family_mix_from: Sequence[tuple[int, dict[str, int]]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The settings of a run of ``spec`` (the arguments are :func:`mmtok.testbed.train.train`'s).
 
@@ -66,7 +67,7 @@ def run_settings(
         ``init_from`` is given, else None.
 
     Raises:
-        ValueError: an invalid homotopy share, family mix or attention / relevance layers, an appearance layer
+        ValueError: an invalid homotopy share, family mix or switch, attention / relevance layers, an appearance layer
             without its read-out, modalities the spec lacks, or the position ramp or distillation without
             image batches.
     """
@@ -118,6 +119,8 @@ def run_settings(
         raise ValueError("the position ramp trains the image tokens' half read-outs: train on images")
     if family_mix:
         settings["family_mix"] = check_mix(family_mix, media)
+    if family_mix_from:  # absent without switches, as before the option existed
+        settings["family_mix_from"] = check_switches(family_mix_from, settings["steps"], media)
     if distill_from is not None:
         if "image" not in media:
             raise ValueError("distillation regresses image tokens: train on images (modalities with 'image')")
