@@ -172,6 +172,9 @@ def test_export_loads_offline_and_generation_agrees_with_teacher_forcing(tmp_pat
     run = _run(tmp_path / "w", steps=6, out=out, eval_n=1, eval_every=3)
     log = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "heldout" in r] == [3, 6]
+    _run(tmp_path / "w13", steps=13, eval_n=1, eval_every=None)  # unsaid: every 13 // 6 steps, and the last
+    log = [json.loads(line) for line in (tmp_path / "w13" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "heldout" in r] == [2, 4, 6, 8, 10, 12, 13]
     assert all(isinstance(r["media_gain"], float) for r in log if "heldout" in r)
     card = (out / "README.md").read_text()
     assert "testbed-llava" in card and "| image | count |" in card

@@ -57,6 +57,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FIT_ITEMS = 48
 
 
+EVALS_PER_RUN = 6
+"""Held-out evaluations of a run that does not say how often (a ``testbed-llava`` one takes ~10-15 s here)."""
+
+
 def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
     """Multiplier of the peak rate at ``step``: linear warm-up over ``warmup`` steps, then cosine to ``floor``."""
     if step < warmup:
@@ -138,7 +142,7 @@ def train(
     out: str | Path | None = None,
     resume: bool = False,
     init_from: str | Path | None = None,
-    eval_every: int = 100,
+    eval_every: int | None = None,
     eval_n: int = 16,
     ckpt_every: int = 50,
     threads: int | None = None,
@@ -186,7 +190,8 @@ def train(
             exported model directory that records its training (``training.json``), with a fresh
             optimiser and schedule; its data continues after the items that run consumed, so no item is
             seen twice. Recorded in the settings (and the model card).
-        eval_every: steps between held-out evaluations (0: only at the end).
+        eval_every: steps between held-out evaluations (0: only at the end; None: a sixth of the run's steps,
+            so the evaluations cost a run a few per cent of its time whatever its length).
         eval_n: held-out items per family in those evaluations.
         ckpt_every: steps between checkpoints.
         threads: ``torch.set_num_threads`` for the run (unchanged when None).
@@ -314,6 +319,8 @@ def train(
         sched.load_state_dict(state["sched"])
         history, start_step = state["history"], state["step"]
         log(f"resumed {name} at step {start_step} from {ckpt}")
+    if eval_every is None:
+        eval_every = max(1, settings["steps"] // EVALS_PER_RUN)
     heldout = heldout_items(spec, eval_n, seed) if eval_every or out else []
     logf = (work / "log.jsonl").open("a")
     t0 = time.perf_counter() - history["seconds"]
