@@ -134,7 +134,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--eval-n", type=int, default=16, help="held-out items per family scored for the card (default 16)")
     e.set_defaults(run=run_export)
 
-    v = actions.add_parser("eval", help="held-out accuracy per family through compress_then_generate")
+    v = actions.add_parser("eval", help="held-out accuracy per family through compress_then_generate (for "
+                           "testbed-audio, which no adapter takes yet: identity or random pre-LLM pruning, by "
+                           "teacher forcing)")
     v.add_argument("name", help="a testbed name (e.g. testbed-llava) or a model directory")
     v.add_argument("--method", action="append", help="compressor (repeatable; default identity)")
     v.add_argument("--budget", type=_budget, action="append", help="tokens or fraction (repeatable; default 1.0)")
@@ -213,11 +215,33 @@ def run_eval(args: argparse.Namespace) -> int:
     model.to(device)
     modalities = _modalities(args.name, model)
     items = heldout(modalities, args.n, args.seed, args.form, args.families)
+    if model.config.model_type == "qwen2_audio":
+        return _eval_audio(args, model, processor, items)
     reports = [
         evaluate(model, processor, items, method=m, budget=b, batch_size=args.batch_size)
         for m in args.method or ["identity"] for b in args.budget or [1.0]
     ]
     print(format_reports(reports, markdown=args.markdown))
+    return 0
+
+
+def _eval_audio(args: argparse.Namespace, model: object, processor: object, items: list) -> int:
+    """``testbed eval`` of a Qwen2-Audio testbed, which no adapter takes yet: random pre-LLM pruning only."""
+    from mmtok.testbed.audio_budget import random_budget_accuracy
+
+    methods = args.method or ["identity"]
+    if set(methods) - {"identity", "random"}:
+        raise ValueError(f"mmtok has no adapter for qwen2_audio yet, so only identity and random (pruning its audio "
+                         f"tokens at random before the language model, mmtok.testbed.audio_budget) run on "
+                         f"{args.name}, not {sorted(set(methods) - {'identity', 'random'})}")
+    budgets = args.budget or [1.0]
+    if any(not isinstance(b, float) for b in budgets):
+        raise ValueError(f"give the audio budgets as fractions in (0, 1], got {budgets}")
+    print("teacher-forced exact match (mmtok.testbed.audio_budget): no adapter for qwen2_audio yet")
+    for method in methods:
+        for budget in [1.0] if method == "identity" else budgets:
+            acc = random_budget_accuracy(model, processor, items, budget, seed=args.seed)
+            print(f"{method} @ {budget}: " + "  ".join(f"{k} {100 * v:.1f}" for k, v in acc.items()))
     return 0
 
 
