@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from mmtok.testbed.models import IGNORE, encode_items
-from mmtok.testbed.train_measures import device_of, to_device
+from mmtok.testbed.train_measures import heldout_accuracy
 
 
 def random_keep(input_ids: torch.Tensor, audio_token_id: int, budget: float, generator: torch.Generator) -> torch.Tensor:
@@ -100,21 +99,11 @@ def random_budget_accuracy(model: Any, processor: Any, items: list[Any], budget:
     if model.config.model_type != "qwen2_audio":
         raise ValueError(f"random_budget_accuracy prunes Qwen2-Audio's audio tokens, got {model.config.model_type!r}")
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    right: dict[str, list[bool]] = {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = to_device(encode_items(processor, chunk), device_of(model))
-        labels = batch.pop("labels")
+
+    def pruned(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep = random_keep(batch["input_ids"], model.config.audio_token_id, budget, generator).to(labels.device)
         with _pruned_language_model(model, keep):
             logits = model(**batch).logits[:, :-1]
-        target = labels[keep].view(labels.shape[0], -1)[:, 1:]
-        ok = ((logits.argmax(-1) == target) | (target == IGNORE)).all(1)
-        for it, good in zip(chunk, ok.tolist(), strict=True):
-            right.setdefault(it.family, []).append(bool(good))
-    model.train(was_training)
-    acc = {fam: sum(v) / len(v) for fam, v in right.items()}
-    acc["mean"] = sum(acc.values()) / len(acc)
-    return acc
+        return logits, labels[keep].view(labels.shape[0], -1)[:, 1:]
+
+    return heldout_accuracy(model, processor, items, batch_size, forward=pruned)

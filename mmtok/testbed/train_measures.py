@@ -5,6 +5,7 @@ Used by :mod:`mmtok.testbed.train` at every evaluation and by the export that sc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -66,12 +67,23 @@ def heldout_items(spec: TestbedSpec, n_per_family: int, seed: int = 0, form: str
 
 
 @torch.no_grad()
-def heldout_accuracy(model: Any, processor: Any, items: list[Any], batch_size: int = 16) -> dict[str, float]:
+def heldout_accuracy(model: Any, processor: Any, items: list[Any], batch_size: int = 16,
+                     forward: Callable[[dict[str, torch.Tensor], torch.Tensor],
+                                       tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
     """Exact-match accuracy per family under teacher forcing.
 
     An item counts as right when the argmax at every answer position (the answer words and ``</s>``) is
     the target token: exactly the items that greedy decoding answers word for word, at the cost of one
     forward pass. :mod:`mmtok.testbed.evaluate` measures the same through ``generate()``.
+
+    Args:
+        model: a testbed model.
+        processor: its processor.
+        items: QA items (:func:`heldout_items`).
+        batch_size: items per forward pass.
+        forward: ``(batch, labels) -> (logits [B, L, V], targets [B, L])`` aligned for scoring; None: the
+            model on the whole batch (``logits[:, :-1]`` against ``labels[:, 1:]``). A caller that changes
+            what the model reads (:mod:`mmtok.testbed.audio_budget`) passes its own.
 
     Returns:
         ``{family: accuracy}`` plus ``"mean"`` (the mean over families).
@@ -83,8 +95,10 @@ def heldout_accuracy(model: Any, processor: Any, items: list[Any], batch_size: i
         chunk = items[start:start + batch_size]
         batch = to_device(encode_items(processor, chunk), device_of(model))
         labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1]
-        target = labels[:, 1:]
+        if forward is None:
+            logits, target = model(**batch).logits[:, :-1], labels[:, 1:]
+        else:
+            logits, target = forward(batch, labels)
         ok = ((logits.argmax(-1) == target) | (target == IGNORE)).all(1)
         for it, good in zip(chunk, ok.tolist(), strict=True):
             right.setdefault(it.family, []).append(bool(good))
