@@ -100,9 +100,10 @@ def test_readme_lists_every_compressor():
 
 
 @pytest.mark.parametrize(("flags", "want"), [
-    ([], (None, None, None, False)),  # the spec's from-scratch recipe decides (mmtok.testbed.train_settings)
-    (["--no-position-ramp", "--family-mix", "none", "--attention-layers", "1"], (False, {}, [1], False)),
-    (["--position-ramp", "--family-mix", "count=3", "--swap-marks"], (True, {"count": 3}, None, True)),
+    ([], (None, None, None, False, False)),  # the spec's from-scratch recipe decides (mmtok.testbed.train_settings)
+    (["--no-position-ramp", "--family-mix", "none", "--attention-layers", "1"], (False, {}, [1], False, False)),
+    (["--position-ramp", "--family-mix", "count=3", "--swap-marks", "--relation-every-word"],
+     (True, {"count": 3}, None, True, True)),
 ])
 def test_testbed_train_passes_recipe_options_through_unset_or_off(monkeypatch, flags, want):
     import mmtok.testbed.train as train_module
@@ -112,7 +113,8 @@ def test_testbed_train_passes_recipe_options_through_unset_or_off(monkeypatch, f
     monkeypatch.setattr("mmtok.testbed.allocator.keep_freed_memory", lambda: False)
     assert main(["testbed", "train", "testbed-llava", "--no-export", *flags]) == 0
     assert seen["name"] == "testbed-llava"
-    assert (seen["position_ramp"], seen["family_mix"], seen["attention_layers"], seen["swap_marks"]) == want
+    assert (seen["position_ramp"], seen["family_mix"], seen["attention_layers"], seen["swap_marks"],
+            seen["relation_every_word"]) == want
 
 
 def test_testbed_train_passes_family_mix_switches_in_order(monkeypatch):

@@ -103,9 +103,9 @@ def test_labels_of_generated_items_match_their_objects() -> None:
         if "label" in it.scene:
             text = it.scene["label"]["text"]
             assert "".join(CHAR_CLASSES[i] for i in lab[:, 2].tolist() if i) == text
-            # answer word i reads the cell marked i: the label's characters in reading order
+            # answer word i reads the cell with bit i - 1: the label's characters in reading order
             marked = sorted((int(w), CHAR_CLASSES[int(c)]) for w, c in zip(lab[:, 6], lab[:, 2], strict=True) if w)
-            assert [w for w, _ in marked] == list(range(1, len(text) + 1))
+            assert [w for w, _ in marked] == [1 << i for i in range(len(text))]
             assert "".join(c for _, c in marked) == text
         elif it.family != "relation":
             assert int(lab[:, 6].abs().sum()) == 0
@@ -131,6 +131,19 @@ def test_relation_answer_order_marks_the_object_that_answers(relation: str, answ
     want = torch.zeros(4, 4, dtype=torch.long)
     want[(2, 0) if answer == "a" else (0, 3)] = 1
     assert (order == want).all()
+    # both answer words ("colour shape") read the same object: bits 0 and 1
+    assert (answer_order(scene, 21, relation_every_word=True).reshape(4, 4) == 3 * want).all()
+
+
+def test_relation_every_word_marks_only_relation_answers() -> None:
+    items = list(dataset("image", "train", 16, form="mixed"))
+    plain, every = batch_labels(items, CELL), batch_labels(items, CELL, relation_every_word=True)
+    assert torch.equal(plain[..., :6], every[..., :6])
+    for it, p, e in zip(items, plain[..., 6], every[..., 6], strict=True):
+        if it.family == "relation":
+            assert int((p == 1).sum()) > 0 and torch.equal(e, 3 * p)
+        else:
+            assert torch.equal(p, e)
 
 
 def test_relation_items_mark_the_object_their_answer_names() -> None:
@@ -391,7 +404,7 @@ def test_attention_loss_reads_in_answer_order() -> None:
     labels = torch.tensor([[-100, -100, -100, 7, 8, 2]])
     cells = torch.tensor([[-1, 0, 1, 2, -1, -1]])
     key = torch.tensor([[1, 1, 0]])
-    order = torch.tensor([[1, 2, 0]])  # cell 0 holds the first character, cell 1 the second
+    order = torch.tensor([[1, 2, 0]])  # bits: cell 0 holds the first character, cell 1 the second
     want = -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.4))) / 2
     assert torch.allclose(attention_loss(attn, labels, cells, key, order), want)
     swapped = -(torch.log(torch.tensor(0.2)) + torch.log(torch.tensor(0.1))) / 2
@@ -399,6 +412,12 @@ def test_attention_loss_reads_in_answer_order() -> None:
     # no order marks: the first answer word toward all key cells, as before
     assert torch.allclose(attention_loss(attn, labels, cells, key, torch.zeros(1, 3, dtype=torch.long)),
                           -torch.log(torch.tensor(0.7)))
+    # a cell read by both words (a relation answer's object under relation_every_word): each word's mass on it
+    both = -(torch.log(torch.tensor(0.2)) + torch.log(torch.tensor(0.4))) / 2  # cell 1 is token 2
+    assert torch.allclose(attention_loss(attn, labels, cells, key, torch.tensor([[0, 3, 0]])), both)
+    # the first word only (bit 0): the second word is not supervised
+    assert torch.allclose(attention_loss(attn, labels, cells, key, torch.tensor([[0, 1, 0]])),
+                          -torch.log(torch.tensor(0.2)))
 
 
 def test_attention_supervision_needs_a_second_layer(tmp_path) -> None:

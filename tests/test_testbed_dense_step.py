@@ -244,6 +244,33 @@ def test_swap_marks_move_the_swap_tokens_from_the_other_class_to_their_own(tmp_p
               swap_marks=True, work_dir=tmp_path / "first", eval_every=0, log=lambda s: None)
 
 
+def test_relation_every_word_reaches_the_batches_and_the_second_answer_word(tmp_path) -> None:
+    from mmtok.testbed.train import StepBatches, train
+
+    spec = get_spec("testbed-qwen2vl")
+    model, processor = spec.build(DEEPER, 0)
+    model = model.eval()
+    make = {flag: StepBatches(spec, processor, 4, 0, 0, 1, dense=True, modalities=["image"],
+                              family_mix={"relation": 5}, relation_every_word=flag) for flag in (False, True)}
+    plain, every = make[False][0]["dense_labels_image"], make[True][0]["dense_labels_image"]
+    assert int((plain[..., -1] == 1).sum()) > 0 and torch.equal(every[..., -1], 3 * plain[..., -1])
+    items = make[True].items(0)
+    batch = encode_items(processor, items)
+    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
+                                  IMAGE_HEADS)}
+    yes_no = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
+    with torch.no_grad():
+        off = dense_parts(model, batch, {"image": plain}, probes, yes_no, attend=True)
+        on = dense_parts(model, batch, {"image": every}, probes, yes_no, attend=True)
+    # the same rows, now with the second word's mass on the answering object in each relation row's mean
+    assert on.attention_count == off.attention_count and not torch.allclose(on.attention_sum, off.attention_sum)
+    assert torch.equal(on.probe, off.probe) and torch.equal(on.relevance_sums, off.relevance_sums)
+    run = train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, lr=1e-4, warmup=0, dense_weight=1.0,
+                modalities=["image"], relation_every_word=True, family_mix={"relation": 5},
+                work_dir=tmp_path / "on", eval_every=0, log=lambda s: None)
+    assert run["settings"]["relation_every_word"] is True
+
+
 @pytest.mark.parametrize("key, layers, weights, match", [
     ("attention_layers", [1, 3], {}, r"reads layer\(s\) \[1, 3\]"),
     ("attention_layers", [1, 2], {"attention_weight": 0.0}, "use it with attention_weight"),

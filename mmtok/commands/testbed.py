@@ -114,6 +114,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "diamond when the question names the orange square and the purple diamond) as a class "
                         "of their own, beside the key and the other tokens, in the marks after the later "
                         "--relevance-layers (e.g. 1,2; default: one 'no' token each)")
+    t.add_argument("--relation-every-word", action="store_true",
+                   help="the attention supervision points both words of a relation answer ('blue triangle') "
+                        "at the object that answers, not only the first, so that the second word reads the "
+                        "same object's shape (default: the first word only)")
     t.add_argument("--family-mix", metavar="FAMILY=W,...",
                    help="more items of some families: each listed family takes W turns of its modality's turn "
                         "order (e.g. direction=3,flash_count=2; mmtok.testbed.family_mix; 'none': one each; "
@@ -191,6 +195,7 @@ def run_train(args: argparse.Namespace) -> int:
           appearance_layer=args.appearance_layer, attention_layers=args.attention_layers,
           relevance_layers=args.relevance_layers,
           balanced_probe=args.balanced_probe, swap_marks=args.swap_marks, position_ramp=args.position_ramp,
+          relation_every_word=args.relation_every_word,
           family_mix=None if args.family_mix is None else parse_mix(args.family_mix),
           family_mix_from=[parse_switch(text) for text in args.family_mix_from or []] or None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))

@@ -171,41 +171,44 @@ def swap_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
     return out.reshape(g * g) * (1 - key_cells(scene, cell))
 
 
-def answer_order(scene: dict[str, Any], cell: int) -> torch.Tensor:
-    """``[G * G]`` long: ``i`` on the cell of the label's ``i``-th character (1-based), else 0.
+def answer_order(scene: dict[str, Any], cell: int, relation_every_word: bool = False) -> torch.Tensor:
+    """``[G * G]`` long: which answer words read each cell, as bits (bit ``i - 1`` set: answer word ``i``), else 0.
 
     A "read" answer is the label's characters in order, one answer word each, so answer word ``i`` has one
-    cell to read: the one this marks ``i``. A "relation" answer names one of the two compared objects (the
-    scene's two key boxes), so its first word reads the cells of that object, marked 1: supervising it toward
-    both, as the key flags do, taught the model to find the pair but not to choose (session 4's model put
-    0.9 of its mass on the pair, 0.11 on the answer). Other scenes are all 0.
+    cell to read: the one whose bit ``i - 1`` this sets (``1 << (i - 1)``). A "relation" answer names one of
+    the two compared objects (the scene's two key boxes), so its first word reads the cells of that object
+    (bit 0): supervising it toward both, as the key flags do, taught the model to find the pair but not to
+    choose (session 4's model put 0.9 of its mass on the pair, 0.11 on the answer). With
+    ``relation_every_word`` both words of that answer ("colour shape") read the object (bits 0 and 1): left
+    free, the second word often took the other object's shape ("blue cross" for "blue triangle" beside an
+    orange cross; 27 of 49 wrong short relation answers of run B's 89 % stage). Other scenes are all 0.
     """
     g = scene["size"] // cell
     out = torch.zeros(g, g, dtype=torch.long)
     query = scene["query"]
     if "relation" in query:
         x0, y0, x1, y1 = query["key"][relation_winner(query["relation"], *query["key"])]
-        out[y0 // cell:(y1 - 1) // cell + 1, x0 // cell:(x1 - 1) // cell + 1] = 1
+        out[y0 // cell:(y1 - 1) // cell + 1, x0 // cell:(x1 - 1) // cell + 1] = 0b11 if relation_every_word else 1
     if "label" in scene:
         label = scene["label"]
         pitch = label.get("pitch", cell)
         x0, y0 = label["box"][0], label["box"][1]
         for i in range(len(label["text"])):
-            out[y0 // cell, (x0 + i * pitch + pitch // 2) // cell] = i + 1
+            out[y0 // cell, (x0 + i * pitch + pitch // 2) // cell] = 1 << i
     return out.reshape(g * g)
 
 
-def batch_labels(items: Sequence[QAItem], cell: int) -> torch.Tensor:
+def batch_labels(items: Sequence[QAItem], cell: int, relation_every_word: bool = False) -> torch.Tensor:
     """``[n_images, G * G, 7]`` targets of the image items in ``items`` (other modalities are skipped).
 
     Columns: colour, shape and character classes (:func:`cell_labels`), the vertical and horizontal half
     (:func:`half_labels`; the probe heads :data:`IMAGE_HEADS` read these five), the key flag (1 on
-    :func:`key_cells`, 2 on :func:`swap_cells`, else 0: :data:`KEY`, :data:`SWAP`) and the answer word that
-    reads the cell (:func:`answer_order`).
+    :func:`key_cells`, 2 on :func:`swap_cells`, else 0: :data:`KEY`, :data:`SWAP`) and the answer words that
+    read the cell (:func:`answer_order`, as bits; ``relation_every_word`` is its option).
     """
     rows = [torch.cat([cell_labels(it.scene, cell), half_labels(it.scene["size"] // cell),
                        (KEY * key_cells(it.scene, cell) + SWAP * swap_cells(it.scene, cell))[:, None],
-                       answer_order(it.scene, cell)[:, None]], 1)
+                       answer_order(it.scene, cell, relation_every_word)[:, None]], 1)
             for it in items if it.modality == "image"]
     if not rows:
         raise ValueError("batch_labels needs at least one image item")
@@ -383,8 +386,8 @@ def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_
     Neural Image Captioning", AAAI 2017, Sec. 3.2, where each generated word is supervised toward its own
     image region): the position that predicts the first answer word should look at the key tokens of the
     question. Where ``order`` marks cells (a "read" answer, one word per label character), each answer word
-    ``i`` is supervised instead toward the cell marked ``i``, its mean over the words: the answer is then
-    read off left to right rather than guessed as a whole. Rows without key tokens ("is there ...?" with
+    ``i`` is supervised instead toward the cells whose bit ``i - 1`` is set, its mean over the words: the
+    answer is then read off left to right rather than guessed as a whole. Rows without key tokens ("is there ...?" with
     answer "no") are left out.
 
     Args:
@@ -395,8 +398,9 @@ def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_
             the one that predicts it.
         visual_cells: ``[B, L]`` the grid cell of each visual token, -1 elsewhere.
         key: ``[B, N]`` key flags of the cells (the cells flagged :data:`KEY` are read; swap cells are not).
-        order: ``[B, N]`` answer-word index (1-based) of the cells, 0 elsewhere (column 4 of
-            :func:`batch_labels`); None supervises the first answer word only.
+        order: ``[B, N]`` the answer words that read each cell, as bits (bit ``i - 1``: word ``i``), 0
+            elsewhere (the last column of :func:`batch_labels`, :func:`answer_order`); None supervises the
+            first answer word only.
         head: the supervised head (the others stay free); ignored for :class:`QueryRows`, which hold one.
 
     Returns:
@@ -423,11 +427,11 @@ def attention_terms(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual
         words = torch.zeros_like(visual_cells[b])
         if order is not None:
             words[vis] = order[b, visual_cells[b, vis]]
-        n_words = min(int(words.max()), len(answer))
+        n_words = min(int(words.max()).bit_length(), len(answer))
         if n_words == 0:
             losses.append(-torch.log(row(b, int(answer[0]) - 1)[on_key].sum().float().clamp_min(1e-6)))
             continue
-        masses = torch.stack([row(b, int(answer[i]) - 1)[words == i + 1].sum() for i in range(n_words)])
+        masses = torch.stack([row(b, int(answer[i]) - 1)[(words >> i) & 1 == 1].sum() for i in range(n_words)])
         losses.append(-torch.log(masses.float().clamp_min(1e-6)).mean())
     if not losses:
         return labels.new_zeros((), dtype=torch.float), 0

@@ -78,8 +78,10 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, spec: TestbedSpec, processor: Any, batch_size: int, seed: int, start: int, stop: int,
                  dense: bool = False, item_offset: int = 0, modalities: Sequence[str] | None = None,
                  teacher_pixels: Callable[[list[Any]], torch.Tensor] | None = None,
-                 family_mix: dict[str, int] | None = None, family_mix_from: Sequence[Sequence[Any]] = ()) -> None:
+                 family_mix: dict[str, int] | None = None, family_mix_from: Sequence[Sequence[Any]] = (),
+                 relation_every_word: bool = False) -> None:
         self.processor, self.seed, self.start, self.stop, self.dense = processor, seed, start, stop, dense
+        self.relation_every_word = relation_every_word
         self.teacher_pixels = teacher_pixels
         self.modalities = list(modalities or spec.modalities)
         self.per = max(1, batch_size // len(self.modalities))
@@ -106,7 +108,7 @@ class StepBatches(torch.utils.data.Dataset):
         batch = encode_items(self.processor, items)
         if self.dense:
             present = {it.modality for it in items}
-            for media, make in (("image", lambda its: batch_labels(its, CELL)), ("video", video_batch_labels),
+            for media, make in (("image", lambda its: batch_labels(its, CELL, self.relation_every_word)), ("video", video_batch_labels),
                                 ("audio", audio_batch_labels)):
                 if media in present:
                     batch[f"dense_labels_{media}"] = make(items)
@@ -166,6 +168,7 @@ def train(
     relevance_layers: Sequence[int] | None = None,
     balanced_probe: bool = False,
     swap_marks: bool = False,
+    relation_every_word: bool = False,
     position_ramp: bool | None = None,
     family_mix: dict[str, int] | None = None,
     family_mix_from: Sequence[tuple[int, dict[str, int]]] | None = None,
@@ -258,6 +261,9 @@ def train(
             otherwise a swap is one "no" token among ~250 and the marks say "yes" on it. It applies to the
             marks read after the later ``relevance_layers`` (the first layer can only match single words), so
             it needs one beyond the first. False (default): off.
+        relation_every_word: the attention supervision points both words of a relation answer ("colour
+            shape") at the object that answers (:func:`mmtok.testbed.dense.answer_order`), not only the first,
+            so that the second word reads the same object's shape. False (default): the first word only.
         position_ramp: the image tokens' half read-outs ("top" / "bottom", "left" / "right") are trained
             toward each cell's place along its axis (:func:`mmtok.testbed.dense.position_ramp`), not the
             hard half, so that two objects in the same half can be compared; False: hard halves; None: the
@@ -288,7 +294,8 @@ def train(
         position_homotopy=position_homotopy, time_weight=time_weight, motion_weight=motion_weight,
         appearance_weight=appearance_weight, appearance_layer=appearance_layer, attention_layers=attention_layers,
         relevance_layers=relevance_layers, balanced_probe=balanced_probe, swap_marks=swap_marks,
-        position_ramp=position_ramp, family_mix=family_mix, family_mix_from=family_mix_from)
+        relation_every_word=relation_every_word, position_ramp=position_ramp, family_mix=family_mix,
+        family_mix_from=family_mix_from)
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
         raise ValueError("the position homotopy moves Qwen2-VL's M-RoPE positions: use it with testbed-qwen2vl")
@@ -333,7 +340,8 @@ def train(
                     modalities=settings.get("modalities"),
                     teacher_pixels=teacher.pixels if teacher is not None else None,
                     family_mix=settings.get("family_mix"),
-                    family_mix_from=settings.get("family_mix_from", ())),
+                    family_mix_from=settings.get("family_mix_from", ()),
+                    relation_every_word=settings.get("relation_every_word", False)),
         batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
     history["hardware"] = describe_hardware(model)
     for step, batch in zip(range(start_step, stop), batches, strict=True):

@@ -54,6 +54,7 @@ def run_settings(
     balanced_probe: bool,
     swap_marks: bool,
     position_ramp: bool | None,
+    relation_every_word: bool = False,
     family_mix: dict[str, int] | None,
     family_mix_from: Sequence[tuple[int, dict[str, int]]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -109,6 +110,8 @@ def run_settings(
         settings["swap_marks"] = True
     if position_ramp:
         settings["position_ramp"] = True
+    if relation_every_word:
+        settings["relation_every_word"] = True
     if modalities is not None:
         unknown = sorted(set(modalities) - set(spec.modalities))
         if unknown or not modalities:
@@ -182,6 +185,10 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
         raise ValueError("attention_layers places the attention supervision: use it with attention_weight > 0")
     if settings["attention_weight"] > 0 and settings["dense_weight"] <= 0:
         raise ValueError("attention supervision needs the key cells of the dense labels: use dense_weight > 0")
+    if settings.get("relation_every_word") and (settings["attention_weight"] <= 0
+                                                or "image" not in settings.get("modalities", spec.modalities)):
+        raise ValueError("relation_every_word points the attention supervision of a relation answer's words at "
+                         "the object that answers: use it with attention_weight > 0 and image batches")
     if settings.get("swap_marks") and (settings["dense_weight"] <= 0
                                        or "image" not in settings.get("modalities", spec.modalities)
                                        or max(settings.get("relevance_layers", [RELEVANCE_LAYER])) <= RELEVANCE_LAYER):
