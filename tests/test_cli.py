@@ -100,10 +100,10 @@ def test_readme_lists_every_compressor():
 
 
 @pytest.mark.parametrize(("flags", "want"), [
-    ([], (None, None, None, False, False)),  # the spec's from-scratch recipe decides (mmtok.testbed.train_settings)
-    (["--no-position-ramp", "--family-mix", "none", "--attention-layers", "1"], (False, {}, [1], False, False)),
-    (["--position-ramp", "--family-mix", "count=3", "--swap-marks", "--relation-every-word"],
-     (True, {"count": 3}, None, True, True)),
+    ([], (None, None, None, False, False, False)),  # the spec's from-scratch recipe decides (mmtok.testbed.train_settings)
+    (["--no-position-ramp", "--family-mix", "none", "--attention-layers", "1"], (False, {}, [1], False, False, False)),
+    (["--position-ramp", "--family-mix", "count=3", "--swap-marks", "--relation-every-word", "--lookalike-marks"],
+     (True, {"count": 3}, None, True, True, True)),
 ])
 def test_testbed_train_passes_recipe_options_through_unset_or_off(monkeypatch, flags, want):
     import mmtok.testbed.train as train_module
@@ -114,7 +114,7 @@ def test_testbed_train_passes_recipe_options_through_unset_or_off(monkeypatch, f
     assert main(["testbed", "train", "testbed-llava", "--no-export", *flags]) == 0
     assert seen["name"] == "testbed-llava"
     assert (seen["position_ramp"], seen["family_mix"], seen["attention_layers"], seen["swap_marks"],
-            seen["relation_every_word"]) == want
+            seen["relation_every_word"], seen["lookalike_marks"]) == want
 
 
 def test_testbed_train_passes_family_mix_switches_in_order(monkeypatch):

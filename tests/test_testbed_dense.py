@@ -29,6 +29,7 @@ from mmtok.testbed.dense import (  # noqa: E402
     class_word_ids,
     half_labels,
     key_cells,
+    lookalike_cells,
     position_ramp,
     ramp_loss,
     relevance_loss,
@@ -353,15 +354,46 @@ def test_relevance_swap_class_weighs_the_swaps_alone_and_is_off_by_default() -> 
     right, wrong, even = (torch.nn.functional.softplus(torch.tensor(-2.0)), torch.nn.functional.softplus(torch.tensor(2.0)),
                           torch.log(torch.tensor(2.0)))
     sums, counts = relevance_terms(logits, cells, key, yes, no)
-    assert counts.tolist() == [3, 1, 0]  # off: the swap is one more "no" token
-    assert torch.allclose(sums, torch.stack([2 * even + wrong, right, torch.tensor(0.0)]))
+    assert counts.tolist() == [3, 1, 0, 0]  # off: the swap is one more "no" token
+    assert torch.allclose(sums, torch.stack([2 * even + wrong, right, torch.tensor(0.0), torch.tensor(0.0)]))
     assert torch.allclose(relevance_loss(logits, cells, key, yes, no), (right + (2 * even + wrong) / 3) / 2)
     # off, a swap flag counts exactly as a plain "no" token
     assert torch.equal(relevance_loss(logits, cells, key, yes, no),
                        relevance_loss(logits, cells, (key == 1).long(), yes, no))
     sums, counts = relevance_terms(logits, cells, key, yes, no, swap_class=True)
-    assert counts.tolist() == [2, 1, 1]
+    assert counts.tolist() == [2, 1, 1, 0]
     assert torch.allclose(relevance_loss(logits, cells, key, yes, no, swap_class=True), (even + right + wrong) / 3)
+    # a look-alike flag (3) works the same way with its own switch, and the two classes stay apart
+    lookalike = torch.tensor([[1, 0, 0, 3]])
+    assert torch.equal(relevance_loss(logits, cells, lookalike, yes, no), relevance_loss(logits, cells, key, yes, no))
+    sums, counts = relevance_terms(logits, cells, lookalike, yes, no, swap_class=True, lookalike_class=True)
+    assert counts.tolist() == [2, 1, 0, 1] and torch.allclose(sums[3], wrong)
+    assert torch.allclose(relevance_loss(logits, cells, lookalike, yes, no, lookalike_class=True),
+                          (even + right + wrong) / 3)
+    assert relevance_terms(logits, cells, key, yes, no, lookalike_class=True)[1].tolist() == [3, 1, 0, 0]
+
+
+def test_lookalike_cells_mark_the_named_objects_of_the_other_quadrants() -> None:
+    objs = [{"colour": c, "shape": sh, "box": box} for c, sh, box in (
+        ("red", "diamond", [0, 0, 21, 21]), ("blue", "diamond", [63, 0, 84, 21]),
+        ("green", "diamond", [0, 63, 21, 84]), ("red", "circle", [42, 42, 63, 63]),
+        ("cyan", "diamond", [63, 63, 84, 84]))]
+    scene = {"size": 84, "objects": objs, "query": {"region": "top left", "ask": "colour", "key": [objs[0]["box"]]}}
+    assert lookalike_cells(scene, 21).reshape(4, 4).tolist() == [[0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0],
+                                                                 [1, 0, 0, 1]]
+    # asked for the shape of the red object: the other red object is the look-alike
+    shape = {**scene, "query": {"region": "top left", "ask": "shape", "key": [objs[0]["box"]]}}
+    assert lookalike_cells(shape, 21).reshape(4, 4).tolist() == [[0] * 4, [0] * 4, [0, 0, 1, 0], [0] * 4]
+    items = list(dataset("image", "train", 40, form="mixed"))
+    flags = batch_labels(items, CELL)[..., -2]
+    for it, row in zip(items, flags, strict=True):
+        assert torch.equal(row == 3, lookalike_cells(it.scene, CELL) == 1)
+        if it.family == "position":  # one object with the named word per quadrant: three look-alikes
+            named = "shape" if it.scene["query"]["ask"] == "colour" else "colour"
+            key = next(o for o in it.scene["objects"] if list(o["box"]) == list(it.scene["query"]["key"][0]))
+            assert sum(o[named] == key[named] for o in it.scene["objects"]) == 4 and int((row == 3).sum()) >= 3
+        else:
+            assert int((row == 3).sum()) == 0
 
 
 def test_relevance_loss_known_answer() -> None:

@@ -271,6 +271,34 @@ def test_relation_every_word_reaches_the_batches_and_the_second_answer_word(tmp_
     assert run["settings"]["relation_every_word"] is True
 
 
+def test_lookalike_marks_weigh_a_position_questions_lookalikes_as_their_own_class(tmp_path) -> None:
+    from mmtok.testbed.dense import LOOKALIKE
+    from mmtok.testbed.train import train
+
+    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
+    model = model.eval()
+    items = list(dataset("image", "train", 2, families=["position"]))
+    batch = encode_items(processor, items)
+    labels = {"image": batch_labels(items, CELL)}
+    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
+                                  IMAGE_HEADS)}
+    yes_no = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
+    with torch.no_grad():
+        off = dense_parts(model, batch, labels, probes, yes_no, attend=True)
+        on = dense_parts(model, batch, labels, probes, yes_no, attend=True, lookalike_class=True)
+        both = dense_parts(model, batch, labels, probes, yes_no, attend=True, relevance_layers=(1, 2),
+                           lookalike_class=True)
+    alike = int((labels["image"][..., -2] == LOOKALIKE).sum())
+    assert alike >= 6 and off.relevance_counts[3] == 0 and on.relevance_counts[3] == alike
+    assert on.relevance_counts[0] + alike == off.relevance_counts[0] and on.relevance_counts[1] == off.relevance_counts[1]
+    assert torch.allclose(on.relevance_sums.sum(), off.relevance_sums.sum(), atol=1e-4)
+    assert both.relevance_counts[3] == 2 * alike  # after every relevance layer, the first included
+    run = train("testbed-qwen2vl", size=DEEPER, steps=1, batch_size=2, lr=1e-4, warmup=0, dense_weight=1.0,
+                modalities=["image"], lookalike_marks=True, family_mix={"position": 5},
+                work_dir=tmp_path / "on", eval_every=0, log=lambda s: None)
+    assert run["settings"]["lookalike_marks"] is True
+
+
 @pytest.mark.parametrize("key, layers, weights, match", [
     ("attention_layers", [1, 3], {}, r"reads layer\(s\) \[1, 3\]"),
     ("attention_layers", [1, 2], {"attention_weight": 0.0}, "use it with attention_weight"),

@@ -131,6 +131,7 @@ def test_stage_table_names_what_each_stage_took_from_elsewhere():
     assert stage_sources({**base, "attention_layers": [1, 2]}) == "attention supervision on layers 1 and 2"
     assert stage_sources({**base, "swap_marks": True}) == "swap marks"
     assert stage_sources({**base, "relation_every_word": True}) == "every relation answer word attends"
+    assert stage_sources({**base, "lookalike_marks": True}) == "look-alike marks"
     from mmtok.testbed.card import _layers_flag
 
     assert _layers_flag({"relevance_layers": [1, 2]}, "relevance_layers", "relevance marks after layers") \

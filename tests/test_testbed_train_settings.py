@@ -10,7 +10,7 @@ OFF = {"steps": None, "batch_size": None, "lr": None, "warmup": None, "weight_de
        "init_lm_from": None, "distill_from": None, "distill_weight": 1.0, "modalities": None,
        "position_homotopy": 0.0, "time_weight": 0.0, "motion_weight": 0.0, "appearance_weight": 0.0,
        "appearance_layer": 1, "attention_layers": None, "relevance_layers": None, "balanced_probe": False, "swap_marks": False, "position_ramp": None,
-       "family_mix": None, "relation_every_word": False}
+       "family_mix": None, "relation_every_word": False, "lookalike_marks": False}
 
 
 def _settings(name="testbed-llava", size="full", on_grid=True, **changes):
@@ -55,12 +55,14 @@ def test_options_that_are_off_leave_no_key_and_those_on_are_recorded():
     on, _ = _settings("testbed-qwen2vl", time_weight=0.5, motion_weight=1, appearance_weight=1, appearance_layer=2,
                       position_ramp=True, balanced_probe=True, position_homotopy=0.25, modalities=["video", "image"],
                       family_mix={"count": 2}, swap_marks=True, relevance_layers=[1, 2],
-                      family_mix_from=[(500, {"direction": 2})], relation_every_word=True)
+                      family_mix_from=[(500, {"direction": 2})], relation_every_word=True,
+                      lookalike_marks=True)
     assert {k: on[k] for k in set(on) - set(plain)} == {
         "time_weight": 0.5, "motion_weight": 1.0, "appearance_weight": 1.0, "appearance_layer": 2,
         "position_ramp": True, "balanced_probe": True, "position_homotopy": 0.25,
         "modalities": ["image", "video"], "family_mix": {"count": 2}, "swap_marks": True,
-        "relevance_layers": [1, 2], "family_mix_from": [[500, {"direction": 2}]], "relation_every_word": True}
+        "relevance_layers": [1, 2], "family_mix_from": [[500, {"direction": 2}]], "relation_every_word": True,
+        "lookalike_marks": True}
     assert plain["curriculum"] == 0.0 and "position_code" in plain and plain["position_code"] == 0.0
 
 
@@ -79,6 +81,8 @@ def test_options_that_are_off_leave_no_key_and_those_on_are_recorded():
     ({"swap_marks": True}, "swap marks"),  # the first layer's marks cannot bind: a later layer is needed
     ({"attention_weight": 0.0, "relation_every_word": True}, "relation_every_word"),
     ({"modalities": ["video"], "relation_every_word": True}, "relation_every_word"),
+    ({"dense_weight": 0.0, "attention_weight": 0.0, "lookalike_marks": True}, "lookalike_marks"),
+    ({"modalities": ["video"], "lookalike_marks": True}, "lookalike_marks"),
 ])
 def test_bad_combinations_are_refused_before_the_model_is_built(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -118,6 +118,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the attention supervision points both words of a relation answer ('blue triangle') "
                         "at the object that answers, not only the first, so that the second word reads the "
                         "same object's shape (default: the first word only)")
+    t.add_argument("--lookalike-marks", action="store_true",
+                   help="the relevance marks weigh a position question's look-alikes (the diamonds of the other "
+                        "quadrants when it asks about the diamond in the top left one) as a class of their own, "
+                        "beside the key and the other tokens (default: one 'no' token each)")
     t.add_argument("--family-mix", metavar="FAMILY=W,...",
                    help="more items of some families: each listed family takes W turns of its modality's turn "
                         "order (e.g. direction=3,flash_count=2; mmtok.testbed.family_mix; 'none': one each; "
@@ -195,7 +199,7 @@ def run_train(args: argparse.Namespace) -> int:
           appearance_layer=args.appearance_layer, attention_layers=args.attention_layers,
           relevance_layers=args.relevance_layers,
           balanced_probe=args.balanced_probe, swap_marks=args.swap_marks, position_ramp=args.position_ramp,
-          relation_every_word=args.relation_every_word,
+          relation_every_word=args.relation_every_word, lookalike_marks=args.lookalike_marks,
           family_mix=None if args.family_mix is None else parse_mix(args.family_mix),
           family_mix_from=[parse_switch(text) for text in args.family_mix_from or []] or None,
           until=args.until, ckpt_every=args.ckpt_every, log=lambda line: print(line, flush=True))

@@ -94,6 +94,8 @@ def model_card(spec: TestbedSpec, model: Any, processor: Any, settings: dict[str
         + (", relation swaps as their own relevance class (`--swap-marks`)" if settings.get("swap_marks") else "")
         + (", both words of a relation answer attend to it (`--relation-every-word`)"
            if settings.get("relation_every_word") else "")
+        + (", position look-alikes as their own relevance class (`--lookalike-marks`)"
+           if settings.get("lookalike_marks") else "")
         + (f", family mix (`--family-mix {mix_text(settings['family_mix'])}`)" if settings.get("family_mix") else "")
         + "".join(f", from step {step} family mix (`--family-mix-from {step}:{mix_text(mix) or 'none'}`)"
                   for step, mix in settings.get("family_mix_from", []))
@@ -129,7 +131,8 @@ STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attent
 # Settings a stage has only when it used them; the card's "sources" column names them.
 SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
                "motion_weight", "appearance_weight", "appearance_layer", "balanced_probe", "position_ramp",
-               "attention_layers", "relevance_layers", "swap_marks", "relation_every_word", "family_mix",
+               "attention_layers", "relevance_layers", "swap_marks", "relation_every_word", "lookalike_marks",
+               "family_mix",
                "family_mix_from")
 
 
@@ -182,6 +185,8 @@ def stage_sources(settings: dict[str, Any]) -> str:
         parts.append("swap marks")
     if settings.get("relation_every_word"):
         parts.append("every relation answer word attends")
+    if settings.get("lookalike_marks"):
+        parts.append("look-alike marks")
     if settings.get("family_mix"):
         parts.append(f"family mix {mix_text(settings['family_mix'])}")
     for step, mix in settings.get("family_mix_from", []):

@@ -39,8 +39,9 @@ IMAGE_HEADS = (*VISUAL_HEADS, VERTICAL_CLASSES, HORIZONTAL_CLASSES)
 # With the position ramp, those two heads read the grid axis (0: rows, 1: columns) as a soft target.
 IMAGE_RAMPS = {3: 0, 4: 1}
 IGNORE = -100
-# Values of the key-flag column of the dense labels: a key cell, and a cell of a relation's colour-shape swap.
-KEY, SWAP = 1, 2
+# Values of the key-flag column of the dense labels: a key cell, a cell of a relation's colour-shape swap, and
+# one of a position question's look-alikes.
+KEY, SWAP, LOOKALIKE = 1, 2, 3
 TEMPERATURE = 10.0  # cosine logits in [-10, 10]: confident enough for a near-zero loss, bounded norms
 
 
@@ -171,6 +172,31 @@ def swap_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
     return out.reshape(g * g) * (1 - key_cells(scene, cell))
 
 
+def lookalike_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
+    """``[G * G]`` long: 1 on the cells of a position scene's look-alikes, else 0.
+
+    "What colour is the diamond in the top left quadrant?" is asked of a scene with one diamond in each
+    quadrant: the three outside the named quadrant match the question's shape word and differ only by where
+    they are. Run B's 89 % stage marked all of them "yes" after the first layer, as the key (mean mark 3.6
+    against the key's 3.7 on 60 held-out items), and a fifth of its short position answers named one of them;
+    as their own class of the marks (``lookalike_class`` of :func:`relevance_terms`) they weigh as much as
+    the ~250 other tokens together. One layer can tell them from the key: the token's own half read-outs and
+    the question's quadrant words are single words. Scenes of other families are all 0.
+    """
+    g = scene["size"] // cell
+    out = torch.zeros(g, g, dtype=torch.long)
+    query = scene["query"]
+    if "region" in query:
+        key = list(query["key"][0])
+        named = "shape" if query["ask"] == "colour" else "colour"
+        target = next(o for o in scene["objects"] if list(o["box"]) == key)
+        for o in scene["objects"]:
+            if o[named] == target[named] and list(o["box"]) != key:
+                x0, y0, x1, y1 = o["box"]
+                out[y0 // cell:(y1 - 1) // cell + 1, x0 // cell:(x1 - 1) // cell + 1] = 1
+    return out.reshape(g * g) * (1 - key_cells(scene, cell))
+
+
 def answer_order(scene: dict[str, Any], cell: int, relation_every_word: bool = False) -> torch.Tensor:
     """``[G * G]`` long: which answer words read each cell, as bits (bit ``i - 1`` set: answer word ``i``), else 0.
 
@@ -203,11 +229,13 @@ def batch_labels(items: Sequence[QAItem], cell: int, relation_every_word: bool =
 
     Columns: colour, shape and character classes (:func:`cell_labels`), the vertical and horizontal half
     (:func:`half_labels`; the probe heads :data:`IMAGE_HEADS` read these five), the key flag (1 on
-    :func:`key_cells`, 2 on :func:`swap_cells`, else 0: :data:`KEY`, :data:`SWAP`) and the answer words that
+    :func:`key_cells`, 2 on :func:`swap_cells`, 3 on :func:`lookalike_cells`, else 0: :data:`KEY`, :data:`SWAP`,
+    :data:`LOOKALIKE`) and the answer words that
     read the cell (:func:`answer_order`, as bits; ``relation_every_word`` is its option).
     """
     rows = [torch.cat([cell_labels(it.scene, cell), half_labels(it.scene["size"] // cell),
-                       (KEY * key_cells(it.scene, cell) + SWAP * swap_cells(it.scene, cell))[:, None],
+                       (KEY * key_cells(it.scene, cell) + SWAP * swap_cells(it.scene, cell)
+                        + LOOKALIKE * lookalike_cells(it.scene, cell))[:, None],
                        answer_order(it.scene, cell, relation_every_word)[:, None]], 1)
             for it in items if it.modality == "image"]
     if not rows:
@@ -318,7 +346,7 @@ def ramp_loss(logits: torch.Tensor, keep: torch.Tensor, axis: int) -> torch.Tens
 
 
 def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int,
-                   swap_class: bool = False) -> torch.Tensor:
+                   swap_class: bool = False, lookalike_class: bool = False) -> torch.Tensor:
     """Class-balanced cross-entropy of the language model saying "yes" at the visual tokens the question is about.
 
     The second supervised hop: with the question before the image, each visual token can read the question
@@ -329,36 +357,42 @@ def relevance_loss(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.
     Args:
         logits: ``[B, L, V]`` next-word logits (the training loop reads them out after the first layer).
         visual_cells: ``[B, L]`` long, the grid cell of each visual token, -1 elsewhere.
-        key: ``[B, N]`` the key flags of the cells (:data:`KEY` on key cells, :data:`SWAP` on swap cells, 0
-            else; the key-flag column of :func:`batch_labels`).
+        key: ``[B, N]`` the key flags of the cells (:data:`KEY` on key cells, :data:`SWAP` on swap cells,
+            :data:`LOOKALIKE` on look-alike cells, 0 else; the key-flag column of :func:`batch_labels`).
         yes_id: token id of "yes".
         no_id: token id of "no".
         swap_class: weigh the swap tokens (target "no") as a class of their own (recipe item 16); otherwise
             they are other tokens.
+        lookalike_class: weigh a position question's look-alike tokens (target "no",
+            :func:`lookalike_cells`) as a class of their own; otherwise they are other tokens.
 
     Returns:
         Scalar: mean over key tokens plus mean over the others, halved (the mean over whichever kind exists
-        when a batch has only one); with ``swap_class``, the mean of the key, other and swap tokens' means.
+        when a batch has only one); with ``swap_class`` / ``lookalike_class``, the mean of the key, other,
+        swap and look-alike tokens' means (over the classes the batch has).
     """
-    return balanced_mean(*relevance_terms(logits, visual_cells, key, yes_id, no_id, swap_class))
+    return balanced_mean(*relevance_terms(logits, visual_cells, key, yes_id, no_id, swap_class, lookalike_class))
 
 
 def relevance_terms(logits: torch.Tensor, visual_cells: torch.Tensor, key: torch.Tensor, yes_id: int, no_id: int,
-                    swap_class: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    swap_class: bool = False, lookalike_class: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The sums and counts behind :func:`relevance_loss`, so that sub-batches can be pooled exactly.
 
     Returns:
-        ``[3]`` float sums of the cross-entropies over the other tokens, the key tokens and the swap tokens,
-        and ``[3]`` long counts of those tokens (the swap class is empty unless ``swap_class``).
+        ``[4]`` float sums of the cross-entropies over the other tokens, the key tokens, the swap tokens and
+        the look-alike tokens, and ``[4]`` long counts of those tokens (the swap class is empty unless
+        ``swap_class``, the look-alike class unless ``lookalike_class``).
     """
     rows, cols = (visual_cells >= 0).nonzero(as_tuple=True)
     flag = key[rows, visual_cells[rows, cols]]
     target = (flag == KEY).long()
     group = torch.where(flag == SWAP, SWAP if swap_class else 0, target)
+    group = torch.where(flag == LOOKALIKE, LOOKALIKE if lookalike_class else 0, group)
     two = logits[rows, cols][:, [no_id, yes_id]].float()
     each = torch.nn.functional.cross_entropy(two, target, reduction="none")
-    return (torch.stack([each[group == v].sum() for v in (0, KEY, SWAP)]),
-            torch.stack([(group == v).sum() for v in (0, KEY, SWAP)]))
+    classes = (0, KEY, SWAP, LOOKALIKE)
+    return (torch.stack([each[group == v].sum() for v in classes]),
+            torch.stack([(group == v).sum() for v in classes]))
 
 
 def class_sums(losses: torch.Tensor, target: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,8 +50,9 @@ class DenseParts:
     Attributes:
         answer_sum: summed cross-entropy of the answer tokens; ``answer_count`` of them.
         probe: the dense probes' loss, summed over this pass's media (each a mean over its own tokens).
-        relevance_sums: ``[3]`` relevance cross-entropy sums over other, key and swap tokens (the swap class
-            is empty unless the marks weigh it: ``swap_class``); ``relevance_counts``.
+        relevance_sums: ``[4]`` relevance cross-entropy sums over other, key, swap and look-alike tokens (the
+            last two classes are empty unless the marks weigh them: ``swap_class``, ``lookalike_class``);
+            ``relevance_counts``.
         attention_sum: attention-supervision loss summed over ``attention_count`` rows (0 when off).
         time_sum: the time read-out's cross-entropy summed over ``time_count`` video tokens (0 when off).
         motion_sums: ``[2]`` the motion read-out's cross-entropy sums over still and moved object tokens;
@@ -120,7 +121,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
                 time: Sequence[int] | None = None, motion: Sequence[int] | None = None,
                 appearance: Sequence[int] | None = None, appearance_layer: int = RELEVANCE_LAYER,
                 attention_layers: Sequence[int] = (ATTEND_LAYER,),
-                relevance_layers: Sequence[int] = (RELEVANCE_LAYER,), swap_class: bool = False) -> DenseParts:
+                relevance_layers: Sequence[int] = (RELEVANCE_LAYER,), swap_class: bool = False,
+                lookalike_class: bool = False) -> DenseParts:
     """One forward pass of ``batch`` with the dense supervision's read-outs.
 
     Args:
@@ -152,6 +154,8 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
             tokens of a relation's colour-shape swaps as a class of their own
             (:func:`mmtok.testbed.dense.relevance_terms`); the first layer's marks keep them among the other
             tokens, since one layer can only match single words and cannot tell a swap from the named pair.
+        lookalike_class: the relevance marks (after every layer of ``relevance_layers``) weigh the tokens of a
+            position question's look-alikes as a class of their own (:func:`mmtok.testbed.dense.lookalike_cells`).
     """
     grid = grid_inputs(model, batch, keep)
     if positions is not None:
@@ -174,7 +178,7 @@ def dense_parts(model: Any, batch: dict[str, torch.Tensor], labels: dict[str, to
     for layer in relevance_layers:
         read = lens if layer == RELEVANCE_LAYER else layer_logits(model, outputs.hidden_states, layer)
         layer_sums, layer_counts = relevance_terms(read, grid.cells, flags[..., 0], *yes_no,
-                                                   swap_class and layer > RELEVANCE_LAYER)
+                                                   swap_class and layer > RELEVANCE_LAYER, lookalike_class)
         relevance_sums, relevance_counts = relevance_sums + layer_sums, relevance_counts + layer_counts
     attention_sum, attention_count = answer_sum.new_zeros(()), 0
     for rows in layer_rows:

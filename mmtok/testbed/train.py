@@ -169,6 +169,7 @@ def train(
     balanced_probe: bool = False,
     swap_marks: bool = False,
     relation_every_word: bool = False,
+    lookalike_marks: bool = False,
     position_ramp: bool | None = None,
     family_mix: dict[str, int] | None = None,
     family_mix_from: Sequence[tuple[int, dict[str, int]]] | None = None,
@@ -264,6 +265,9 @@ def train(
         relation_every_word: the attention supervision points both words of a relation answer ("colour
             shape") at the object that answers (:func:`mmtok.testbed.dense.answer_order`), not only the first,
             so that the second word reads the same object's shape. False (default): the first word only.
+        lookalike_marks: the relevance marks weigh a position question's look-alikes (the objects that share
+            the named colour or shape in the other quadrants, :func:`mmtok.testbed.dense.lookalike_cells`) as a
+            class of their own, after every relevance layer. False (default): they are other tokens.
         position_ramp: the image tokens' half read-outs ("top" / "bottom", "left" / "right") are trained
             toward each cell's place along its axis (:func:`mmtok.testbed.dense.position_ramp`), not the
             hard half, so that two objects in the same half can be compared; False: hard halves; None: the
@@ -294,7 +298,7 @@ def train(
         position_homotopy=position_homotopy, time_weight=time_weight, motion_weight=motion_weight,
         appearance_weight=appearance_weight, appearance_layer=appearance_layer, attention_layers=attention_layers,
         relevance_layers=relevance_layers, balanced_probe=balanced_probe, swap_marks=swap_marks,
-        relation_every_word=relation_every_word, position_ramp=position_ramp, family_mix=family_mix,
+        relation_every_word=relation_every_word, lookalike_marks=lookalike_marks, position_ramp=position_ramp, family_mix=family_mix,
         family_mix_from=family_mix_from)
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
@@ -439,7 +443,7 @@ def _step_losses(model: Any, batch: dict[str, Any], step: int, settings: dict[st
     parts = [dense_parts(model, sub, labels, read_outs.probes, read_outs.yes_no, settings["attention_weight"] > 0,
                          keep, blend, read_outs.time, read_outs.motion, read_outs.appearance,
                          read_outs.appearance_layer, read_outs.attention_layers, read_outs.relevance_layers,
-                         read_outs.swap_class)
+                         read_outs.swap_class, read_outs.lookalike_class)
              for sub in split_by_medium(model, batch)]
     loss, dense, terms = pool(parts, settings["attention_weight"], settings.get("time_weight", 0.0),
                               settings.get("motion_weight", 0.0), settings.get("appearance_weight", 0.0))

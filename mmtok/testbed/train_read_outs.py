@@ -36,6 +36,7 @@ class ReadOuts:
         attention_layers: the language-model layers whose head 0 the attention supervision trains.
         relevance_layers: after which language-model layers the relevance marks are read.
         swap_class: the relevance marks weigh a relation's colour-shape swaps as a class of their own.
+        lookalike_class: the relevance marks weigh a position question's look-alikes as a class of their own.
     """
 
     probes: dict[str, DenseProbe] = field(default_factory=dict)
@@ -47,6 +48,7 @@ class ReadOuts:
     attention_layers: tuple[int, ...] = (ATTEND_LAYER,)
     relevance_layers: tuple[int, ...] = (RELEVANCE_LAYER,)
     swap_class: bool = False
+    lookalike_class: bool = False
 
 
 def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict[str, Any], on_grid: bool,
@@ -71,7 +73,8 @@ def make_read_outs(model: Any, processor: Any, spec: TestbedSpec, settings: dict
     read_outs = ReadOuts(appearance_layer=settings.get("appearance_layer", 1),
                          attention_layers=tuple(settings.get("attention_layers", (ATTEND_LAYER,))),
                          relevance_layers=tuple(settings.get("relevance_layers", (RELEVANCE_LAYER,))),
-                         swap_class=settings.get("swap_marks", False))
+                         swap_class=settings.get("swap_marks", False),
+                         lookalike_class=settings.get("lookalike_marks", False))
     layers = model.config.text_config.num_hidden_layers
     if settings["dense_weight"] > 0:
         if not on_grid:

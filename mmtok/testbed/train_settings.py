@@ -54,9 +54,10 @@ def run_settings(
     balanced_probe: bool,
     swap_marks: bool,
     position_ramp: bool | None,
-    relation_every_word: bool = False,
     family_mix: dict[str, int] | None,
     family_mix_from: Sequence[tuple[int, dict[str, int]]] | None = None,
+    relation_every_word: bool = False,
+    lookalike_marks: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The settings of a run of ``spec`` (the arguments are :func:`mmtok.testbed.train.train`'s).
 
@@ -112,6 +113,8 @@ def run_settings(
         settings["position_ramp"] = True
     if relation_every_word:
         settings["relation_every_word"] = True
+    if lookalike_marks:
+        settings["lookalike_marks"] = True
     if modalities is not None:
         unknown = sorted(set(modalities) - set(spec.modalities))
         if unknown or not modalities:
@@ -189,6 +192,10 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
                                                 or "image" not in settings.get("modalities", spec.modalities)):
         raise ValueError("relation_every_word points the attention supervision of a relation answer's words at "
                          "the object that answers: use it with attention_weight > 0 and image batches")
+    if settings.get("lookalike_marks") and (settings["dense_weight"] <= 0
+                                            or "image" not in settings.get("modalities", spec.modalities)):
+        raise ValueError("lookalike_marks weigh a position question's look-alikes in the image relevance marks: "
+                         "use them with dense_weight > 0 and image batches")
     if settings.get("swap_marks") and (settings["dense_weight"] <= 0
                                        or "image" not in settings.get("modalities", spec.modalities)
                                        or max(settings.get("relevance_layers", [RELEVANCE_LAYER])) <= RELEVANCE_LAYER):
