@@ -132,8 +132,7 @@ STAGE_KEYS = ("steps", "batch_size", "lr", "dense_weight", "curriculum", "attent
 SOURCE_KEYS = ("init_lm_from", "distill_from", "distill_weight", "modalities", "position_homotopy", "time_weight",
                "motion_weight", "appearance_weight", "appearance_layer", "balanced_probe", "position_ramp",
                "attention_layers", "relevance_layers", "swap_marks", "relation_every_word", "lookalike_marks",
-               "family_mix",
-               "family_mix_from")
+               "family_mix", "family_mix_from")
 
 
 def mix_text(mix: dict[str, int]) -> str:

@@ -177,11 +177,12 @@ def lookalike_cells(scene: dict[str, Any], cell: int) -> torch.Tensor:
 
     "What colour is the diamond in the top left quadrant?" is asked of a scene with one diamond in each
     quadrant: the three outside the named quadrant match the question's shape word and differ only by where
-    they are. Run B's 89 % stage marked all of them "yes" after the first layer, as the key (mean mark 3.6
-    against the key's 3.7 on 60 held-out items), and a fifth of its short position answers named one of them;
-    as their own class of the marks (``lookalike_class`` of :func:`relevance_terms`) they weigh as much as
-    the ~250 other tokens together. One layer can tell them from the key: the token's own half read-outs and
-    the question's quadrant words are single words. Scenes of other families are all 0.
+    they are. Run B's stage marked all of them "yes" after the first layer, as the key (mean mark 3.6 against
+    the key's 3.7 on 60 held-out items), and a fifth of its short position answers named one of them. As
+    their own class of the marks (``lookalike_class`` of :func:`relevance_terms`) they weigh as much as the
+    ~250 other tokens together; in a 900-step stage of the first layer's marks this made the marks hedge
+    (-2.6 on the key and the look-alikes alike) rather than tell them apart (docs/testbed.md, session 18).
+    Scenes of other families are all 0.
     """
     g = scene["size"] // cell
     out = torch.zeros(g, g, dtype=torch.long)
@@ -207,7 +208,7 @@ def answer_order(scene: dict[str, Any], cell: int, relation_every_word: bool = F
     choose (session 4's model put 0.9 of its mass on the pair, 0.11 on the answer). With
     ``relation_every_word`` both words of that answer ("colour shape") read the object (bits 0 and 1): left
     free, the second word often took the other object's shape ("blue cross" for "blue triangle" beside an
-    orange cross; 27 of 49 wrong short relation answers of run B's 89 % stage). Other scenes are all 0.
+    orange cross; 27 of 49 wrong short relation answers of run B's stage). Other scenes are all 0.
     """
     g = scene["size"] // cell
     out = torch.zeros(g, g, dtype=torch.long)
@@ -229,9 +230,9 @@ def batch_labels(items: Sequence[QAItem], cell: int, relation_every_word: bool =
 
     Columns: colour, shape and character classes (:func:`cell_labels`), the vertical and horizontal half
     (:func:`half_labels`; the probe heads :data:`IMAGE_HEADS` read these five), the key flag (1 on
-    :func:`key_cells`, 2 on :func:`swap_cells`, 3 on :func:`lookalike_cells`, else 0: :data:`KEY`, :data:`SWAP`,
-    :data:`LOOKALIKE`) and the answer words that
-    read the cell (:func:`answer_order`, as bits; ``relation_every_word`` is its option).
+    :func:`key_cells`, 2 on :func:`swap_cells`, 3 on :func:`lookalike_cells`, else 0: :data:`KEY`,
+    :data:`SWAP`, :data:`LOOKALIKE`) and the answer words that read the cell (:func:`answer_order`, as bits;
+    ``relation_every_word`` is its option).
     """
     rows = [torch.cat([cell_labels(it.scene, cell), half_labels(it.scene["size"] // cell),
                        (KEY * key_cells(it.scene, cell) + SWAP * swap_cells(it.scene, cell)
@@ -421,8 +422,8 @@ def attention_loss(attn: torch.Tensor | QueryRows, labels: torch.Tensor, visual_
     image region): the position that predicts the first answer word should look at the key tokens of the
     question. Where ``order`` marks cells (a "read" answer, one word per label character), each answer word
     ``i`` is supervised instead toward the cells whose bit ``i - 1`` is set, its mean over the words: the
-    answer is then read off left to right rather than guessed as a whole. Rows without key tokens ("is there ...?" with
-    answer "no") are left out.
+    answer is then read off left to right rather than guessed as a whole. Rows without key tokens ("is there
+    ...?" with answer "no") are left out.
 
     Args:
         attn: ``[B, H, L, L]`` one layer's attention probabilities, or the supervised head's rows at the
