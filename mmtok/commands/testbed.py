@@ -51,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--init-from", help="warm start from another run's checkpoint.pt or work dir, or an exported "
                    "directory with training.json (fresh schedule)")
     t.add_argument("--eval-every", type=int, default=None,
-                   help="steps between held-out evaluations (default: a sixth of the run's steps; 0: only at "
-                        "the end)")
+                   help="steps between held-out evaluations (default: a sixth of the run's steps; 0: none "
+                        "during the run, while the export still scores the final weights)")
     t.add_argument("--eval-n", type=int, default=16, help="held-out items per family in those evaluations")
     t.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     t.add_argument("--device", help="cuda or cpu (default: cuda when available)")

@@ -194,8 +194,9 @@ def train(
             exported model directory that records its training (``training.json``), with a fresh
             optimiser and schedule; its data continues after the items that run consumed, so no item is
             seen twice. Recorded in the settings (and the model card).
-        eval_every: steps between held-out evaluations (0: only at the end; None: a sixth of the run's steps,
-            so the evaluations cost a run a few per cent of its time whatever its length).
+        eval_every: steps between held-out evaluations (0: none during the run, while an export, ``out``,
+            still scores the final weights; None: a sixth of the run's steps, so the evaluations cost a run a
+            few per cent of its time whatever its length).
         eval_n: held-out items per family in those evaluations.
         ckpt_every: steps between checkpoints.
         threads: ``torch.set_num_threads`` for the run (unchanged when None).
