@@ -157,13 +157,22 @@ def test_a_step_with_every_video_read_out_logs_each_term(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def deeper_images(mixed):
-    """A 3-layer language model (read-outs after layers 1 and 2 are both readable), its image rows and probe."""
-    _, batch, labels, _, yes_no, *_ = mixed
+def deeper():
+    """A 3-layer language model (read-outs after layers 1 and 2 are both readable), its processor, image probe
+    and "yes" / "no" ids."""
     model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
     model = model.eval()
     probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
                                   IMAGE_HEADS)}
+    yes_no = (processor.tokenizer.convert_tokens_to_ids("yes"), processor.tokenizer.convert_tokens_to_ids("no"))
+    return model, processor, probes, yes_no
+
+
+@pytest.fixture(scope="module")
+def deeper_images(mixed, deeper):
+    """The deeper model, the mixed batch's image rows, their labels, the image probe and "yes" / "no" ids."""
+    _, batch, labels, *_ = mixed
+    model, _, probes, yes_no = deeper
     return model, split_by_medium(model, batch)[0], labels, probes, yes_no
 
 
@@ -212,19 +221,15 @@ def test_relevance_marks_read_after_several_layers_add_each_layers_terms(deeper_
     assert not torch.allclose(sums, first.relevance_sums)
 
 
-def test_swap_marks_move_the_swap_tokens_from_the_other_class_to_their_own(tmp_path) -> None:
+def test_swap_marks_move_the_swap_tokens_from_the_other_class_to_their_own(tmp_path, deeper) -> None:
     from mmtok.testbed.dense import SWAP
     from mmtok.testbed.train import train
 
-    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
-    model = model.eval()
+    model, processor, probes, yes_no = deeper
     items = [it for it in dataset("image", "train", 40, families=["relation"])
              if bool((batch_labels([it], CELL)[..., -2] == SWAP).any())][:2]
     batch = encode_items(processor, items)
     labels = {"image": batch_labels(items, CELL)}
-    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
-                                  IMAGE_HEADS)}
-    yes_no = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
     with torch.no_grad():
         off = dense_parts(model, batch, labels, probes, yes_no, attend=True, relevance_layers=(1, 2))
         on = dense_parts(model, batch, labels, probes, yes_no, attend=True, relevance_layers=(1, 2), swap_class=True)
@@ -244,21 +249,17 @@ def test_swap_marks_move_the_swap_tokens_from_the_other_class_to_their_own(tmp_p
               swap_marks=True, work_dir=tmp_path / "first", eval_every=0, log=lambda s: None)
 
 
-def test_relation_every_word_reaches_the_batches_and_the_second_answer_word(tmp_path) -> None:
+def test_relation_every_word_reaches_the_batches_and_the_second_answer_word(tmp_path, deeper) -> None:
     from mmtok.testbed.train import StepBatches, train
 
     spec = get_spec("testbed-qwen2vl")
-    model, processor = spec.build(DEEPER, 0)
-    model = model.eval()
+    model, processor, probes, yes_no = deeper
     make = {flag: StepBatches(spec, processor, 4, 0, 0, 1, dense=True, modalities=["image"],
                               family_mix={"relation": 5}, relation_every_word=flag) for flag in (False, True)}
     plain, every = make[False][0]["dense_labels_image"], make[True][0]["dense_labels_image"]
     assert int((plain[..., -1] == 1).sum()) > 0 and torch.equal(every[..., -1], 3 * plain[..., -1])
     items = make[True].items(0)
     batch = encode_items(processor, items)
-    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
-                                  IMAGE_HEADS)}
-    yes_no = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
     with torch.no_grad():
         off = dense_parts(model, batch, {"image": plain}, probes, yes_no, attend=True)
         on = dense_parts(model, batch, {"image": every}, probes, yes_no, attend=True)
@@ -271,18 +272,14 @@ def test_relation_every_word_reaches_the_batches_and_the_second_answer_word(tmp_
     assert run["settings"]["relation_every_word"] is True
 
 
-def test_lookalike_marks_weigh_a_position_questions_lookalikes_as_their_own_class(tmp_path) -> None:
+def test_lookalike_marks_weigh_a_position_questions_lookalikes_as_their_own_class(tmp_path, deeper) -> None:
     from mmtok.testbed.dense import LOOKALIKE
     from mmtok.testbed.train import train
 
-    model, processor = get_spec("testbed-qwen2vl").build(DEEPER, 0)
-    model = model.eval()
+    model, processor, probes, yes_no = deeper
     items = list(dataset("image", "train", 2, families=["position"]))
     batch = encode_items(processor, items)
     labels = {"image": batch_labels(items, CELL)}
-    probes = {"image": DenseProbe(model.get_input_embeddings(), class_word_ids(processor.tokenizer, IMAGE_HEADS),
-                                  IMAGE_HEADS)}
-    yes_no = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no")]
     with torch.no_grad():
         off = dense_parts(model, batch, labels, probes, yes_no, attend=True)
         on = dense_parts(model, batch, labels, probes, yes_no, attend=True, lookalike_class=True)
