@@ -108,7 +108,8 @@ class StepBatches(torch.utils.data.Dataset):
         batch = encode_items(self.processor, items)
         if self.dense:
             present = {it.modality for it in items}
-            for media, make in (("image", lambda its: batch_labels(its, CELL, self.relation_every_word)), ("video", video_batch_labels),
+            image_labels = partial(batch_labels, cell=CELL, relation_every_word=self.relation_every_word)
+            for media, make in (("image", image_labels), ("video", video_batch_labels),
                                 ("audio", audio_batch_labels)):
                 if media in present:
                     batch[f"dense_labels_{media}"] = make(items)
@@ -299,8 +300,8 @@ def train(
         position_homotopy=position_homotopy, time_weight=time_weight, motion_weight=motion_weight,
         appearance_weight=appearance_weight, appearance_layer=appearance_layer, attention_layers=attention_layers,
         relevance_layers=relevance_layers, balanced_probe=balanced_probe, swap_marks=swap_marks,
-        relation_every_word=relation_every_word, lookalike_marks=lookalike_marks, position_ramp=position_ramp, family_mix=family_mix,
-        family_mix_from=family_mix_from)
+        relation_every_word=relation_every_word, lookalike_marks=lookalike_marks, position_ramp=position_ramp,
+        family_mix=family_mix, family_mix_from=family_mix_from)
     model, processor = spec.build(size, seed)
     if position_homotopy and model_kind(model) != "qwen2vl":
         raise ValueError("the position homotopy moves Qwen2-VL's M-RoPE positions: use it with testbed-qwen2vl")

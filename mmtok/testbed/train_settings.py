@@ -170,8 +170,9 @@ def recipe_defaults(settings: dict[str, Any], spec: TestbedSpec, on_grid: bool) 
     names what it adds).
 
     Raises:
-        ValueError: attention supervision, swap marks or the curriculum without the dense probe, attention
-            layers without attention supervision, swap marks without images or without a relevance layer
+        ValueError: attention supervision, swap marks, look-alike marks or the curriculum without the dense
+            probe, attention layers or relation_every_word without attention supervision, swap marks,
+            look-alike marks or relation_every_word without images, swap marks without a relevance layer
             beyond the first, or non-positive steps or batch size.
     """
     d = spec.train_defaults
