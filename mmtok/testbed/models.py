@@ -121,6 +121,8 @@ class TestbedSpec:
         builder: ``(size, seed) -> (model, processor)``, a freshly initialised model in train mode.
         sizes: named sizes; ``"full"`` is the shipped one, ``"tiny"`` the one tests train.
         train_defaults: default ``steps``, ``batch_size``, ``lr``, ``warmup`` ... of ``mmtok testbed train``.
+        stage_recipe: warm-started stages that may follow a run (``mmtok testbed train --stages N`` runs the
+            first ``N``; :mod:`mmtok.testbed.stages`), each a dict of ``train()`` keyword arguments.
     """
 
     name: str
@@ -129,6 +131,7 @@ class TestbedSpec:
     builder: Callable[[Size, int], tuple[Any, Any]]
     sizes: dict[str, Size]
     train_defaults: dict[str, Any] = field(default_factory=dict)
+    stage_recipe: tuple[dict[str, Any], ...] = ()
 
     def build(self, size: str | Size = "full", seed: int = 0) -> tuple[Any, Any]:
         """A freshly initialised ``(model, processor)``; the same ``seed`` gives the same weights.
@@ -209,6 +212,11 @@ def build_llava(size: Size, seed: int = 0) -> tuple[Any, Any]:
     return model.train(), processor
 
 
+LLAVA_STAGE: dict[str, Any] = {
+    "steps": 900, "lr": 4e-4, "warmup": 20, "position_ramp": True, "attention_layers": (1, 2),
+    "family_mix": {"count": 2, "position": 3, "relation": 3}, "relation_every_word": True}
+"""One stage of ``testbed-llava``'s stage recipe (``train()`` keyword arguments)."""
+
 SPECS: dict[str, TestbedSpec] = {
     "testbed-llava": TestbedSpec(
         name="testbed-llava",
@@ -231,6 +239,10 @@ SPECS: dict[str, TestbedSpec] = {
                         "dense_weight": 1.0, "curriculum": 0.0, "attention_weight": 1.0, "position_code": 3.0,
                         "position_ramp": True, "attention_layers": (1, 2),
                         "family_mix": {"count": 2, "read": 2, "relation": 2}},
+        # Three stages after that run brought it from 83.6 to 90.9 % (200 held-out items per family; Status):
+        # a fifth of the rate with a fresh warm-up, more count, position and relation items, and both words
+        # of a relation answer attending to the object that answers.
+        stage_recipe=(LLAVA_STAGE,) * 3,
     ),
     "testbed-qwen2vl": TestbedSpec(
         name="testbed-qwen2vl",

@@ -310,7 +310,7 @@ def train(
     recipe_defaults(settings, spec, on_grid)
     if threads is not None:
         torch.set_num_threads(threads)
-    work = Path(work_dir) if work_dir is not None else Path("/tmp") / name
+    work = Path(work_dir) if work_dir is not None else default_work_dir(name)
     work.mkdir(parents=True, exist_ok=True)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     read_outs = make_read_outs(model, processor, spec, settings, on_grid, shape)
@@ -458,6 +458,11 @@ def _step_losses(model: Any, batch: dict[str, Any], step: int, settings: dict[st
     return total, loss, dense, terms, distill
 
 
+def default_work_dir(name: str) -> Path:
+    """``/tmp/<name>``: where a run keeps its checkpoint unless told."""
+    return Path("/tmp") / name
+
+
 def default_out(name: str) -> Path:
     """``assets/<name>`` in the repository."""
     return ROOT / "assets" / name
@@ -471,7 +476,7 @@ def export_checkpoint(name: str, work_dir: str | Path | None = None, out: str | 
         FileNotFoundError: ``work_dir`` holds no ``checkpoint.pt``.
     """
     spec = get_spec(name)
-    work = Path(work_dir) if work_dir is not None else Path("/tmp") / name
+    work = Path(work_dir) if work_dir is not None else default_work_dir(name)
     ckpt = work / "checkpoint.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt}; train first with `mmtok testbed train {name}`")
