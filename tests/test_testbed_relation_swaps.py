@@ -7,7 +7,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmtok.testbed.data import HELDOUT_SPLIT, item  # noqa: E402
-from mmtok.testbed.relation_swaps import named_pair, relation_swap_split, swaps  # noqa: E402
+from mmtok.testbed.relation_swaps import named_pair, relation_axis_split, relation_swap_split, swaps  # noqa: E402
 
 
 def _obj(colour, shape):
@@ -47,3 +47,19 @@ def test_the_split_covers_every_item_once_and_matches_the_whole_score():
     assert with_swap.correct + without.correct == whole.correct
     with pytest.raises(ValueError, match="n must be"):
         relation_swap_split(model, processor, n=0)
+
+
+def test_the_axis_split_puts_left_right_questions_apart_and_matches_the_whole_score():
+    import mmtok
+    from mmtok.testbed.evaluate import evaluate
+
+    model, processor = mmtok.load("testbed-llava", dtype="float32")
+    horizontal, vertical = relation_axis_split(model, processor, n=12)
+    items = [item("image", HELDOUT_SPLIT, i, 0, family="relation", form="short") for i in range(12)]
+    # read from the question's words, not the scene's query
+    across = sum(" further left " in it.prompt or " further right " in it.prompt for it in items)
+    assert 0 < across < 12 and (horizontal.total, vertical.total) == (across, 12 - across)
+    whole = evaluate(model, processor, items).scores[0]
+    assert horizontal.correct + vertical.correct == whole.correct
+    with pytest.raises(ValueError, match="n must be"):
+        relation_axis_split(model, processor, n=0)
