@@ -75,12 +75,18 @@ def test_chain_wiring_directories_exports_and_shared_arguments(tmp_path, monkeyp
     calls.clear()
     train_with_stages("testbed-llava", [], work_dir=tmp_path, out="OUT", steps=9)
     assert len(calls) == 1 and calls[0]["out"] == "OUT" and calls[0]["steps"] == 9
+    # no work_dir: train()'s own default, and the stages beneath it
+    calls.clear()
+    train_with_stages("testbed-llava", [{"steps": 1}])
+    assert [c["work_dir"] for c in calls] == [training.default_work_dir("testbed-llava"),
+                                              training.default_work_dir("testbed-llava") / "stage-1"]
 
 
 @pytest.mark.parametrize(("stages", "first", "match"), [
     ([{"work_dir": "x"}], {}, "stage 1 names \\['work_dir'\\]"),
     ([{"steps": 1}, {"init_from": "x", "until": 2}], {}, "stage 2 names \\['init_from', 'until'\\]"),
     ([{"steps": 1}], {"until": 3}, "until stops one run part-way"),
+    ([], {"common": {"seed": 1}}, "common names \\['seed'\\]"),
 ])
 def test_chain_refuses_arguments_it_sets_itself(tmp_path, stages, first, match):
     with pytest.raises(ValueError, match=match):
@@ -90,8 +96,10 @@ def test_chain_refuses_arguments_it_sets_itself(tmp_path, stages, first, match):
 def test_spec_stage_recipes():
     assert spec_stages("testbed-llava", 3) == [LLAVA_STAGE] * 3 and spec_stages("testbed-llava", 0) == []
     first = spec_stages("testbed-llava", 1)[0]
-    first["steps"] = 1  # a copy: the spec keeps its recipe
+    first["steps"] = 1  # a copy, nested dicts too: the spec keeps its recipe
+    first["family_mix"]["count"] = 9
     assert get_spec("testbed-llava").stage_recipe[0]["steps"] == 900
+    assert get_spec("testbed-llava").stage_recipe[0]["family_mix"]["count"] == 2
     with pytest.raises(ValueError, match="has 3 stages: stages must be in 0 .. 3, got 4"):
         spec_stages("testbed-llava", 4)
     with pytest.raises(ValueError, match="in 0 .. 3, got -1"):

@@ -188,7 +188,7 @@ def run_train(args: argparse.Namespace) -> int:
     from mmtok.testbed.allocator import keep_freed_memory
     from mmtok.testbed.family_mix import parse_mix, parse_switch
     from mmtok.testbed.stages import spec_stages, train_with_stages
-    from mmtok.testbed.train import default_out, default_work_dir
+    from mmtok.testbed.train import default_out
 
     if not args.default_malloc and keep_freed_memory():
         print("malloc: freed memory stays in the process (--default-malloc to keep glibc's defaults)", flush=True)
@@ -197,7 +197,7 @@ def run_train(args: argparse.Namespace) -> int:
     common = {"threads": args.threads, "device": args.device, "workers": args.workers,
               "eval_every": args.eval_every, "eval_n": args.eval_n, "ckpt_every": args.ckpt_every}
     train_with_stages(
-        args.name, stages, work_dir=args.work_dir or default_work_dir(args.name), out=out, resume=args.resume,
+        args.name, stages, work_dir=args.work_dir, out=out, resume=args.resume,
         seed=args.seed, size=args.size, common=common, log=lambda line: print(line, flush=True),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, dense_weight=args.dense_weight,
         curriculum=args.curriculum, init_from=args.init_from, warmup=args.warmup,

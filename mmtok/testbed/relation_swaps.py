@@ -84,7 +84,6 @@ def relation_axis_split(model: Any, processor: Any, n: int = 200, seed: int = 0,
                   batch_size)
 
 
-
 def _relation_items(n: int, seed: int, form: str) -> list[QAItem]:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

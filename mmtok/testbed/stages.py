@@ -13,6 +13,7 @@ finished run is loaded and left as it is).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,14 @@ def spec_stages(name: str, count: int) -> list[dict[str, Any]]:
     if not 0 <= count <= len(recipe):
         raise ValueError(f"{name}'s stage recipe has {len(recipe)} stages: stages must be in 0 .. {len(recipe)}, "
                          f"got {count}")
-    return [dict(stage) for stage in recipe[:count]]
+    return [copy.deepcopy(stage) for stage in recipe[:count]]
 
 
 def train_with_stages(
     name: str,
     stages: Sequence[Mapping[str, Any]],
     *,
-    work_dir: str | Path,
+    work_dir: str | Path | None = None,
     out: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
@@ -62,7 +63,8 @@ def train_with_stages(
     Args:
         name: a testbed name.
         stages: one dict of :func:`train` keyword arguments per stage (its recipe: steps, lr, family mix ...).
-        work_dir: the first run's directory; stage ``k`` runs in ``work_dir/stage-k``.
+        work_dir: the first run's directory (``/tmp/<name>`` when None); stage ``k`` runs in
+            ``work_dir/stage-k``.
         out: where the last run exports (none when None).
         resume: every run continues from its own checkpoint when it has one.
         seed: weights and data seed of every run.
@@ -76,22 +78,24 @@ def train_with_stages(
         The last run's :func:`train` result.
 
     Raises:
-        ValueError: a stage entry that names an argument the chain sets (``work_dir``, ``init_from``,
-            ``until`` ...), or ``until`` among the first run's arguments while stages follow.
+        ValueError: a stage entry or ``common`` naming an argument the chain sets (``work_dir``,
+            ``init_from``, ``until`` ...), or ``until`` among the first run's arguments while stages follow.
     """
     common = dict(common or {})
-    for i, stage in enumerate(stages, 1):
-        clash = sorted(CHAIN_KEYS & (set(stage) | set(common)))
+    named = [("common", common)] + [(f"stage {i}", stage) for i, stage in enumerate(stages, 1)]
+    for where, arguments in named:
+        clash = sorted(CHAIN_KEYS & set(arguments))
         if clash:
-            raise ValueError(f"stage {i} names {clash}, which the chain sets for every run: drop them")
+            raise ValueError(f"{where} names {clash}, which the chain sets for every run: drop them")
     if stages and first.get("until") is not None:
         raise ValueError("until stops one run part-way; with stages, stop the chain and continue it with resume")
-    runs = [(Path(work_dir), first)] + [(stage_dir(work_dir, k), dict(s)) for k, s in enumerate(stages, 1)]
+    root = Path(work_dir) if work_dir is not None else training.default_work_dir(name)
+    runs = [(root, first)] + [(stage_dir(root, k), dict(s)) for k, s in enumerate(stages, 1)]
     result: dict[str, Any] = {}
     for k, (run_dir, recipe) in enumerate(runs):
         if k:
             recipe["init_from"] = runs[k - 1][0]
             log(f"stage {k} of {len(stages)} of {name} in {run_dir}, from {recipe['init_from']}")
-        result = training.train(name, work_dir=run_dir, out=out if k == len(stages) else None, resume=resume, seed=seed,
-                       size=size, log=log, **common, **recipe)
+        result = training.train(name, work_dir=run_dir, out=out if k == len(stages) else None, resume=resume,
+                                seed=seed, size=size, log=log, **common, **recipe)
     return result
